@@ -1,0 +1,74 @@
+"""Input validation shared by every public function: clear ValueErrors before any work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_tokens(model: Any, tokens: Any, prefix_len: int | None = None, *, name: str = "tokens",
+                 device: str | torch.device | None = None) -> Tensor:
+    """Validate a [batch, seq] token tensor for ``model`` and return it as int64 on the model's device.
+
+    Raises ValueError for: non-tensors, non-integer dtypes, non-2D shapes, empty batches,
+    ids outside the vocabulary, sequences longer than the context, and a ``prefix_len``
+    that is not in 1..seq-1.
+    """
+    if isinstance(tokens, (list, tuple)):
+        try:
+            tokens = torch.tensor(tokens)
+        except Exception as exc:
+            raise ValueError(f"{name} must be a 2-D integer tensor [batch, seq]; could not convert: {exc}") from exc
+    if not isinstance(tokens, Tensor):
+        raise ValueError(f"{name} must be a 2-D integer torch.Tensor [batch, seq], got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(tokens.shape)}); pass at least one sequence")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name} has zero-length sequences")
+    d_vocab, n_ctx = int(model.cfg.d_vocab), int(model.cfg.n_ctx)
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= d_vocab:
+        raise ValueError(f"{name} holds ids outside the vocabulary [0, {d_vocab}): min {lo}, max {hi}")
+    if tokens.shape[1] > n_ctx:
+        raise ValueError(f"{name} has sequences of length {tokens.shape[1]}, longer than the model's "
+                         f"context n_ctx={n_ctx}")
+    if prefix_len is not None:
+        check_prefix_len(prefix_len, tokens.shape[1])
+    dev = device if device is not None else next(model.parameters()).device
+    return tokens.to(device=dev, dtype=torch.long)
+
+
+def check_prefix_len(prefix_len: Any, seq_len: int) -> int:
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise ValueError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
+    if not 0 < prefix_len < seq_len:
+        raise ValueError(f"prefix_len must be in 1..{seq_len - 1} for sequences of length {seq_len}, "
+                         f"got {prefix_len}")
+    return prefix_len
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_fraction(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        0 <= value <= 1 if allow_zero else 0 < value <= 1)
+    if not ok:
+        rng = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be a fraction in {rng}, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

@@ -1,0 +1,18 @@
+"""Progress bars (tqdm) that every long loop uses; silence them per call or with MEMLOC_PROGRESS=0."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], *, enabled: bool = True, desc: str | None = None,
+             total: int | None = None, leave: bool = False) -> Iterable[T]:
+    """Wrap ``iterable`` in a tqdm bar unless disabled here or by ``MEMLOC_PROGRESS=0``."""
+    if not enabled or os.environ.get("MEMLOC_PROGRESS", "1") == "0":
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=leave)

@@ -1,0 +1,135 @@
+"""Loading models through TransformerLens 4 and the facts memloc needs about them.
+
+Every memloc function takes a ``TransformerBridge`` in compatibility mode, i.e. with the
+HookedTransformer hook names (``blocks.{l}.mlp.hook_post``, ``blocks.{l}.attn.hook_pattern``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Names that select the embedded model shipped inside the package.
+TINY_NAMES = (None, "tiny")
+
+
+def tiny_model_dir() -> Path:
+    """Directory of the embedded model (weights, config, tokenizer, paragraph set)."""
+    return Path(str(resources.files("memloc") / "assets" / "tiny"))
+
+
+def _tiny_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Any:
+    """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
+
+    Args:
+        name_or_path: ``None`` or ``"tiny"`` for the embedded model (package data, no network);
+            a local Hugging Face directory (loaded offline); or a hub name (needs the hub).
+        device: ``"cpu"``, ``"cuda"``, ... (default: CPU).
+        dtype: parameter dtype.
+        process_weights: if False (default), weights stay in the checkpoint's coordinates
+            (``enable_compatibility_mode(no_processing=True)``), so parameter gradients refer to
+            the real weights; if True, LayerNorm is folded and weights centered as in
+            HookedTransformer. Neuron activations (``mlp.hook_post``) are the same either way.
+
+    Returns:
+        The bridge, in eval mode.
+
+    Raises:
+        ValueError: if ``name_or_path`` is not the embedded model, not a local directory, and
+            cannot be fetched from the hub (e.g. offline).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    device = str(device) if device is not None else "cpu"
+    tokenizer = None
+    if name_or_path in TINY_NAMES:
+        path = tiny_model_dir()
+        if not (path / "model.safetensors").exists():
+            raise ValueError(f"the embedded model is missing from {path}; reinstall memloc")
+        tokenizer = _tiny_tokenizer(path)
+        target = str(path)
+    else:
+        target = str(name_or_path)
+        local = Path(target).expanduser()
+        if local.is_dir():
+            if not (local / "config.json").exists():
+                raise ValueError(f"name_or_path {target!r} is a directory without a config.json; "
+                                 "expected a saved Hugging Face model directory")
+            target = str(local)
+            tokenizer = _local_tokenizer(local)
+        elif local.exists():
+            raise ValueError(f"name_or_path {target!r} is a file; expected a model directory or hub name")
+    try:
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, tokenizer=tokenizer)
+    except Exception as exc:  # network or hub errors come in many types
+        if Path(target).is_dir():
+            raise
+        raise ValueError(
+            f"could not load model {target!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "If this machine is offline, download the model elsewhere and pass its local directory, "
+            "or use load_model('tiny') for the embedded model.") from exc
+    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
+    bridge.eval()
+    return bridge
+
+
+def _local_tokenizer(path: Path):
+    """A tokenizer saved beside a local model, or None (the bridge then tries its own)."""
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception:  # a tokenizer.json without config: fall back to the raw file
+            if (path / "tokenizer.json").exists():
+                return _tiny_tokenizer(path)
+    return None
+
+
+def model_facts(model: Any) -> dict:
+    """Architecture facts: family, layers, heads, d_model, d_mlp, d_head, n_ctx, vocabulary, gating."""
+    cfg = model.cfg
+    hf_cfg = getattr(model.original_model, "config", None)
+    return {
+        "architecture": getattr(cfg, "original_architecture", None) or type(model.original_model).__name__,
+        "n_layers": int(cfg.n_layers),
+        "n_heads": int(cfg.n_heads),
+        "n_key_value_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+        "d_model": int(cfg.d_model),
+        "d_head": int(cfg.d_head),
+        "d_mlp": int(cfg.d_mlp),
+        "n_ctx": int(cfg.n_ctx),
+        "d_vocab": int(cfg.d_vocab),
+        "gated_mlp": bool(getattr(cfg, "gated_mlp", False)),
+        "attention_layers": list(getattr(hf_cfg, "attention_layers", []) or []),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def neuron_hook_name(layer: int) -> str:
+    """Hook point of the FFN neurons h^l (Chang et al. Eq. 1): the MLP's post-activation, which for
+    gated MLPs is the input of the down-projection."""
+    return f"blocks.{layer}.mlp.hook_post"

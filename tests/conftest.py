@@ -1,0 +1,80 @@
+"""Shared fixtures: the embedded model, random-weight models of real architectures, and a check
+that a function handed the model back exactly as it found it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MEMLOC_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from memloc import load_model  # noqa: E402
+
+from .factories import build_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded model (shared: tests must leave it as they found it)."""
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_paragraphs():
+    from memloc import load_paragraphs
+
+    return load_paragraphs("tiny")
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """Factory: directory of a random-weight model of a given kind (built once per session)."""
+    built = {}
+
+    def make(kind: str):
+        if kind not in built:
+            built[kind] = build_random_model(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return make
+
+
+def model_state(model) -> dict:
+    """Everything a borrowed model must get back: weights, requires_grad, train flags, hooks."""
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (len(hp.fwd_hooks), len(hp.bwd_hooks)) for n, hp in model.hook_dict.items()},
+        "grads": {n: p.grad is None for n, p in model.named_parameters()},
+    }
+
+
+def assert_same_state(model, before: dict) -> None:
+    after = model_state(model)
+    assert after["requires_grad"] == before["requires_grad"], "requires_grad changed"
+    assert after["training"] == before["training"], "train/eval flags changed"
+    assert after["hooks"] == before["hooks"], "hooks left behind"
+    assert after["grads"] == before["grads"], ".grad left behind"
+    for n, w in before["weights"].items():
+        assert torch.equal(after["weights"][n], w), f"weight {n} changed"
+
+
+@pytest.fixture
+def unchanged():
+    """Use as ``with unchanged(model): ...``: asserts the model is exactly restored afterwards."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def check(model):
+        before = model_state(model)
+        try:
+            yield
+        finally:
+            assert_same_state(model, before)
+
+    return check
