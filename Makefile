@@ -15,8 +15,15 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+# plotly's static PNG export (kaleido 1.x) drives a headless Chromium: install Debian's if none is present
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	    echo "warning: could not install chromium; PNG export will fail (HTML figures still work)"; }
+
 .PHONY: install demo test
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
 
 demo: install
 	$(BIN)/memloc demo

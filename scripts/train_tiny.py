@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -162,6 +162,19 @@ def perplexity(model: GPTNeoForCausalLM, stream: list[int], n_ctx: int, batch: i
     return math.exp(total / count)
 
 
+def add_random_sequences(out: Path, tok: Tokenizer, val_docs: list[dict], n: int = 256, length: int = 100) -> None:
+    """Store [n, length] blocks of validation text as ``random_sequences`` in paragraphs.safetensors."""
+    eos_id = tok.token_to_id(EOS)
+    stream: list[int] = []
+    for d in val_docs:
+        stream += tok.encode(d["text"]).ids + [eos_id]
+    blocks = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)][:n]
+    path = out / "paragraphs.safetensors"
+    files = dict(load_file(str(path)))
+    files["random_sequences"] = torch.tensor(blocks, dtype=torch.long)
+    save_file(files, str(path))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -238,6 +251,7 @@ def main(argv=None) -> dict:
     tok.save(str(out / "tokenizer.json"))
     save_file({"tokens": win_t, "counts": torch.tensor(counts, dtype=torch.long),
                "unigram_counts": unigram.to(torch.long)}, str(out / "paragraphs.safetensors"))
+    add_random_sequences(out, tok, val_docs)
     with open(out / "paragraphs.csv", "w") as f:
         f.write("id,count,seen,em,nll\n")
         for i, (c, e, n) in enumerate(zip(counts, ems, nlls)):
