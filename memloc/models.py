@@ -25,13 +25,6 @@ def tiny_model_dir() -> Path:
     return Path(str(resources.files("memloc") / "assets" / "tiny"))
 
 
-def _tiny_tokenizer(path: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-
-
 def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Any:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
@@ -58,12 +51,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     device = str(device) if device is not None else "cpu"
-    tokenizer = None
     if name_or_path in TINY_NAMES:
         path = tiny_model_dir()
         if not (path / "model.safetensors").exists():
             raise ValueError(f"the embedded model is missing from {path}; reinstall memloc")
-        tokenizer = _tiny_tokenizer(path)
         target = str(path)
     else:
         target = str(name_or_path)
@@ -73,11 +64,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
                 raise ValueError(f"name_or_path {target!r} is a directory without a config.json; "
                                  "expected a saved Hugging Face model directory")
             target = str(local)
-            tokenizer = _local_tokenizer(local)
         elif local.exists():
             raise ValueError(f"name_or_path {target!r} is a file; expected a model directory or hub name")
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, tokenizer=tokenizer)
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
     except Exception as exc:  # network or hub errors come in many types
         if Path(target).is_dir():
             raise
@@ -88,19 +78,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
     bridge.eval()
     return bridge
-
-
-def _local_tokenizer(path: Path):
-    """A tokenizer saved beside a local model, or None (the bridge then tries its own)."""
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception:  # a tokenizer.json without config: fall back to the raw file
-            if (path / "tokenizer.json").exists():
-                return _tiny_tokenizer(path)
-    return None
 
 
 def model_facts(model: Any) -> dict:

@@ -248,7 +248,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    tok.save(str(out / "tokenizer.json"))
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                            model_max_length=args.n_ctx).save_pretrained(out)
     save_file({"tokens": win_t, "counts": torch.tensor(counts, dtype=torch.long),
                "unigram_counts": unigram.to(torch.long)}, str(out / "paragraphs.safetensors"))
     add_random_sequences(out, tok, val_docs)

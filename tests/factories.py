@@ -15,9 +15,7 @@ def _save(model, path: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     model.save_pretrained(path, safe_serialization=True)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tiny_model_dir() / "tokenizer.json"),
-                                  eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    tok.save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(str(tiny_model_dir())).save_pretrained(path)
     return path
 
 
