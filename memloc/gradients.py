@@ -1,0 +1,586 @@
+"""Parameter and activation gradients of the continuation NLL (Stoehr et al. §5.1, §6.1, Fig. 4, 6, 9).
+
+The loss is the mean NLL of the continuation tokens ``x[prefix_len:]`` given everything before
+them (Stoehr §3.2 ``L_NLL``; "tokens 50 to 100").  Gradients are taken in eval mode (no dropout)
+in the coordinates of the loaded model: with ``load_model(..., process_weights=False)`` (the
+default) they are gradients w.r.t. the checkpoint's real weights.
+
+Parameter gradients (Eq. 1-2)
+    Every weight matrix of every layer except embeddings, unembedding, biases (and LayerNorm
+    gains, which TransformerLens folds away in the paper's setting) is split into components:
+    ``W_Q, W_K, W_V, W_O`` per attention head, ``W_in``, ``W_out`` (and ``W_gate`` for gated
+    MLPs) per layer.  The score of a component is the max (Eq. 2; or sum / mean) of the
+    absolute gradient over its weights.
+
+    * Set level (default, the paper's Fig. 4 and Fig. 9): Eq. 1 differentiates the loss of the
+      whole batch, ``L = 1/N sum_n L_n``, so the gradient is averaged over paragraphs *before*
+      the absolute value and the pooling.  It is accumulated over batches of ``batch_size``
+      (one backward per batch), which equals one backward over all N paragraphs.
+    * Per paragraph (``per_paragraph=True``): the pooled score of each paragraph's own gradient.
+      Every component is a linear map ``y = x W``, so a paragraph's weight gradient is
+      ``sum_pos x[pos]^T dL_n/dy[pos]``; memloc captures the inputs and output gradients of the
+      weight-owning modules with torch hooks during one backward per batch and forms these
+      per-sample gradients exactly (no per-paragraph backward).
+
+Activation gradients (Eq. 5)
+    Gradients w.r.t. hook-point activations (``hook_q/k/v/z`` per head, the per-head attention
+    result, ``hook_attn_out``, ``mlp.hook_pre/post``, ``hook_resid_pre/mid/post``) per layer x
+    component x head x position, with |.| max-pooled (or sum / mean) over the hidden dimension.
+    In a batch the loss is the *sum* of the paragraphs' losses, so each paragraph's activation
+    gradient is that of its own loss (Eq. 5 with N = 1) from one backward per batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ._checks import check_choice, check_positive_int, check_tokens
+from ._progress import progress
+from .borrow import borrowed
+
+__all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
+           "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
+           "activation_gradient_tensor", "ACTIVATION_COMPONENTS", "continuation_loss"]
+
+Pooling = Literal["max", "sum", "mean"]
+POOLINGS = ("max", "sum", "mean")
+ATTN_COMPONENTS = ("W_Q", "W_K", "W_V", "W_O")
+MLP_COMPONENTS = ("W_in", "W_gate", "W_out")
+#: Stoehr et al. Fig. 9 EM bins (inclusive bounds).
+EM_BINS = ((0, 10), (11, 29), (30, 49), (50, 50))
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter layout: which slice of which parameter is W_Q of head h in layer l
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParamComponent:
+    """One component (Stoehr §5: ``c`` in ``theta in R^{L x C x D*}``) of one layer.
+
+    Attributes:
+        layer: block index.
+        component: ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_in``, ``W_gate`` or ``W_out``.
+        head: attention head (key/value head for grouped-query ``W_K``/``W_V``); -1 for MLP weights.
+        name: name of the parameter in ``model.named_parameters()``.
+        param: the parameter itself.
+        index: slicer selecting the component's weights in ``param`` (and in its gradient).
+        orientation: ``"out_in"`` (torch Linear ``[out, in]``) or ``"in_out"`` (GPT-2 Conv1D ``[in, out]``).
+    """
+
+    layer: int
+    component: str
+    head: int
+    name: str
+    param: Any
+    index: tuple
+    orientation: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.component} H{self.head}" if self.head >= 0 else self.component
+
+    def block(self, tensor: Tensor | None = None) -> Tensor:
+        """The component's weights (or the same slice of ``tensor``, e.g. a gradient)."""
+        t = self.param if tensor is None else tensor
+        return t[self.index]
+
+
+_Q = {"q", "q_proj", "query"}
+_K = {"k", "k_proj", "key"}
+_V = {"v", "v_proj", "value"}
+_O = {"o", "o_proj", "out_proj", "c_proj", "dense", "wo"}
+_FUSED = {"qkv", "c_attn", "query_key_value", "wqkv"}
+_IN = {"c_fc", "fc_in", "dense_h_to_4h", "up_proj", "fc1", "w1", "in"}
+_GATE = {"gate_proj", "gate", "w3"}
+_OUT = {"c_proj", "fc_out", "dense_4h_to_h", "down_proj", "fc2", "w2", "out"}
+_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
+
+
+def _clean(name: str) -> list[str]:
+    return [p for p in name.split(".") if p != "_original_component"]
+
+
+def _orientation(module: Any) -> str:
+    return "in_out" if type(module).__name__ == "Conv1D" else "out_in"
+
+
+def _head_slices(orient: str, n: int, d_head: int, axis_role: str, offset: int = 0, stride: int | None = None):
+    """Slicers of ``n`` head blocks of ``d_head`` along the output (``axis_role="out"``) or input axis."""
+    out = []
+    for h in range(n):
+        start = offset + h * (stride if stride is not None else d_head)
+        sl = slice(start, start + d_head)
+        out_axis = 0 if orient == "out_in" else 1
+        axis = out_axis if axis_role == "out" else 1 - out_axis
+        out.append((slice(None), sl) if axis == 1 else (sl, slice(None)))
+    return out
+
+
+def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[ParamComponent]:
+    """Map the bridge's parameters to Stoehr's per-layer, per-head components (§5, Fig. 4).
+
+    Works on the Hugging Face parameters the TransformerBridge exposes (``model.named_parameters()``):
+    separate q/k/v/o projections (GPT-Neo ``q_proj``..., the bridge's split ``q/k/v/o`` of GPT-2
+    and GPT-NeoX, Llama ``q_proj``... with grouped-query ``k_proj``/``v_proj`` of
+    ``n_key_value_heads`` heads), fused projections when no split ones exist (GPT-2 ``c_attn``
+    Conv1D ``[d_model, 3 d_model]`` laid out q|k|v; GPT-NeoX ``query_key_value`` Linear with the
+    per-head interleaved layout ``[head, (q k v), d_head]``), torch ``Linear`` ``[out, in]`` and GPT-2
+    ``Conv1D`` ``[in, out]`` orientations, and MLP ``W_in``/``W_gate``/``W_out``.  Embeddings,
+    unembedding, biases and norm weights are excluded (Stoehr §5.2).
+
+    Returns:
+        One :class:`ParamComponent` per (layer, component, head), ordered by layer, then
+        ``W_Q, W_K, W_V, W_O`` (heads ascending), ``W_in, W_gate, W_out``.
+
+    ``prefer_fused=True`` maps q/k/v from the fused projection even where split ones exist (the
+    TransformerBridge keeps GPT-2's/NeoX's original fused weight beside the split ones it runs;
+    only the split ones receive gradients, so this is for inspecting weights, not for gradients).
+
+    Raises:
+        ValueError: if some layer's attention or MLP weights cannot be identified.
+    """
+    cfg = model.cfg
+    n_layers, n_heads, d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    arch = (str(getattr(cfg, "original_architecture", "") or "") + type(getattr(model, "original_model", model)).__name__)
+    interleaved = "NeoX" in arch or "neox" in arch.lower()
+    found: dict[int, dict[str, tuple[str, Any, str]]] = {l: {} for l in range(n_layers)}
+    for name, param in model.named_parameters():
+        if not name.endswith("weight") or param.ndim != 2:
+            continue
+        m = _LAYER_RE.search(name)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        if layer not in found:
+            continue
+        parts = _clean(name)
+        leaf = parts[-2]
+        context = parts[:-2]
+        in_attn = any("attn" in p or "attention" in p for p in context)
+        in_mlp = any("mlp" in p or p == "feed_forward" for p in context)
+        module = model.get_submodule(name[: -len(".weight")])
+        orient = _orientation(module)
+        if in_attn:
+            key = ("W_Q" if leaf in _Q else "W_K" if leaf in _K else "W_V" if leaf in _V else
+                   "W_O" if leaf in _O else "fused" if leaf in _FUSED else None)
+        elif in_mlp:
+            key = "W_in" if leaf in _IN else "W_gate" if leaf in _GATE else "W_out" if leaf in _OUT else None
+        else:
+            key = None
+        if key is not None:
+            found[layer][key] = (name, param, orient)
+
+    comps: list[ParamComponent] = []
+    for layer in range(n_layers):
+        f = found[layer]
+        split = all(k in f for k in ("W_Q", "W_K", "W_V")) and not (prefer_fused and "fused" in f)
+        if not split and "fused" not in f:
+            raise ValueError(f"parameter_components: cannot find the q/k/v weights of layer {layer} "
+                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
+        if "W_O" not in f or "W_in" not in f or "W_out" not in f:
+            raise ValueError(f"parameter_components: cannot find W_O/W_in/W_out of layer {layer} "
+                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
+        if split:
+            for comp, n in (("W_Q", n_heads), ("W_K", n_kv), ("W_V", n_kv)):
+                name, p, orient = f[comp]
+                for h, idx in enumerate(_head_slices(orient, n, d_head, "out")):
+                    comps.append(ParamComponent(layer, comp, h, name, p, idx, orient))
+        else:
+            name, p, orient = f["fused"]
+            for c_i, comp in enumerate(("W_Q", "W_K", "W_V")):
+                if interleaved:  # NeoX: rows [head, (q, k, v), d_head]
+                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * d_head, stride=3 * d_head)
+                else:            # GPT-2: columns q | k | v, each [head, d_head]
+                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * n_heads * d_head)
+                for h, sl in enumerate(idx):
+                    comps.append(ParamComponent(layer, comp, h, name, p, sl, orient))
+        # keep W_Q, W_K, W_V, W_O order with heads ascending
+        name, p, orient = f["W_O"]
+        for h, idx in enumerate(_head_slices(orient, n_heads, d_head, "in")):
+            comps.append(ParamComponent(layer, "W_O", h, name, p, idx, orient))
+        for comp in MLP_COMPONENTS:
+            if comp in f:
+                name, p, orient = f[comp]
+                comps.append(ParamComponent(layer, comp, -1, name, p, (slice(None), slice(None)), orient))
+    order = {c: i for i, c in enumerate(ATTN_COMPONENTS + MLP_COMPONENTS)}
+    comps.sort(key=lambda c: (c.layer, order[c.component], c.head))
+    return comps
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and pooling
+# ---------------------------------------------------------------------------------------------
+
+def continuation_loss(logits: Float[Tensor, "batch seq vocab"], tokens: Int[Tensor, "batch seq"],
+                      prefix_len: int) -> Float[Tensor, "batch"]:
+    """Per-paragraph mean NLL of the continuation ``tokens[:, prefix_len:]`` (Stoehr §3.2 L_NLL, N = 1)."""
+    pred = logits[:, prefix_len - 1:-1].float()
+    return F.cross_entropy(pred.transpose(1, 2), tokens[:, prefix_len:], reduction="none").mean(1)
+
+
+def _pool(x: Tensor, pooling: str, dims: tuple[int, ...]) -> Tensor:
+    a = x.abs()
+    if pooling == "max":
+        return a.amax(dim=dims)
+    if pooling == "sum":
+        return a.sum(dim=dims)
+    return a.mean(dim=dims)
+
+
+def _check_common(model: Any, tokens: Any, prefix_len: int, pooling: str, batch_size: int) -> Tensor:
+    tokens = check_tokens(model, tokens, prefix_len)
+    check_choice(pooling, "pooling", POOLINGS)
+    check_positive_int(batch_size, "batch_size")
+    return tokens
+
+
+def _param_frame(comps: list[ParamComponent], values: Tensor, paragraphs: Sequence[int] | None) -> pd.DataFrame:
+    """values: [n_comps] or [n_paragraphs, n_comps]."""
+    base = pd.DataFrame({
+        "layer": [c.layer for c in comps], "component": [c.component for c in comps],
+        "head": [c.head for c in comps], "label": [c.label for c in comps],
+        "block": ["attn" if c.component in ATTN_COMPONENTS else "mlp" for c in comps],
+    })
+    if paragraphs is None:
+        base["value"] = values.double().numpy()
+        return base
+    frames = []
+    for i, n in enumerate(paragraphs):
+        f = base.copy()
+        f.insert(0, "paragraph", n)
+        f["value"] = values[i].double().numpy()
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter gradients
+# ---------------------------------------------------------------------------------------------
+
+def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *, pooling: Pooling = "max",
+                        per_paragraph: bool = False, batch_size: int = 8,
+                        progress_bar: bool = True) -> pd.DataFrame:
+    """Parameter gradient attribution scores per layer x component (x head) (Stoehr Eq. 1-2, Fig. 4).
+
+    Args:
+        model: the TransformerBridge (borrowed: requires_grad, train flags, ``.grad`` are left as found;
+            gradients are obtained with ``torch.autograd.grad`` and never written to ``.grad``).
+        tokens: Int[Tensor, "n seq"] paragraphs.
+        prefix_len: prefix length; the loss is the mean NLL of ``tokens[:, prefix_len:]``.
+        pooling: ``"max"`` |grad| over the component's weights (Eq. 2), ``"sum"`` or ``"mean"``.
+        per_paragraph: False (default): the score of the gradient of the set's mean loss (Eq. 1,
+            gradients averaged over paragraphs before |.| and pooling).  True: each paragraph's
+            own pooled score (exact per-sample gradients, one backward per batch).
+        batch_size: paragraphs per forward/backward.
+
+    Returns:
+        Tidy DataFrame ``[paragraph,] layer, component, head, label, block, value`` with ``head = -1``
+        for MLP weights, ``label`` like ``"W_V H2"`` and ``block`` ``"attn"``/``"mlp"``.
+    """
+    tokens = _check_common(model, tokens, prefix_len, pooling, batch_size)
+    if not isinstance(per_paragraph, bool):
+        raise ValueError(f"per_paragraph must be a bool, got {per_paragraph!r}")
+    comps = parameter_components(model)
+    names = list(dict.fromkeys(c.name for c in comps))
+    params = dict(model.named_parameters())
+    n = len(tokens)
+    batches = [slice(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    with borrowed(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for nm in names:
+            params[nm].requires_grad_(True)
+        if per_paragraph:
+            values = _per_sample_scores(model, tokens, prefix_len, comps, names, batches, pooling, progress_bar)
+            return _param_frame(comps, values, list(range(n)))
+        acc = {nm: torch.zeros_like(params[nm], dtype=torch.float32) for nm in names}
+        for sl in progress(batches, enabled=progress_bar, desc="parameter gradients"):
+            x = tokens[sl]
+            with torch.enable_grad():
+                loss = continuation_loss(model(x), x, prefix_len).sum() / n
+                grads = torch.autograd.grad(loss, [params[nm] for nm in names])
+            for nm, g in zip(names, grads):
+                acc[nm] += g.float()
+        values = torch.stack([_pool(c.block(acc[c.name]), pooling, (0, 1)) for c in comps]).cpu()
+    return _param_frame(comps, values, None)
+
+
+def _per_sample_scores(model: Any, tokens: Tensor, prefix_len: int, comps: list[ParamComponent], names: list[str],
+                       batches: list[slice], pooling: str, progress_bar: bool) -> Tensor:
+    """Per-paragraph pooled scores from per-sample weight gradients ``sum_pos x^T dL_n/dy`` of each linear module."""
+    by_name: dict[str, list[int]] = {}
+    for i, c in enumerate(comps):
+        by_name.setdefault(c.name, []).append(i)
+    modules = {nm: model.get_submodule(nm[: -len(".weight")]) for nm in names}
+    out = torch.zeros(len(tokens), len(comps), dtype=torch.float32)
+    for sl in progress(batches, enabled=progress_bar, desc="per-paragraph parameter gradients"):
+        x = tokens[sl]
+        b = x.shape[0]
+        inputs: dict[str, Tensor] = {}
+        outputs: dict[str, Tensor] = {}
+        handles = []
+
+        def fwd_hook(module, args, output, nm=None):
+            inputs[nm] = args[0].detach()
+            outputs[nm] = output
+
+        try:
+            for nm, mod in modules.items():
+                handles.append(mod.register_forward_hook(lambda m, a, o, nm=nm: fwd_hook(m, a, o, nm)))
+            with torch.enable_grad():
+                loss = continuation_loss(model(x), x, prefix_len).sum()
+                missing = [nm for nm in names if nm not in outputs]
+                if missing:
+                    raise RuntimeError(f"per-paragraph gradients: modules {missing} were not called as modules")
+                keys = list(outputs)
+                grads = torch.autograd.grad(loss, [outputs[k] for k in keys])
+        finally:
+            for h in handles:
+                h.remove()
+        for nm, g_out in zip(keys, grads):
+            inp = inputs[nm].reshape(b, -1, inputs[nm].shape[-1]).float()
+            g = g_out.reshape(b, -1, g_out.shape[-1]).float()
+            if comps[by_name[nm][0]].orientation == "out_in":
+                per_sample = torch.einsum("bpo,bpi->boi", g, inp)
+            else:
+                per_sample = torch.einsum("bpi,bpo->bio", inp, g)
+            for i in by_name[nm]:
+                idx = (slice(None),) + comps[i].index
+                out[sl, i] = _pool(per_sample[idx], pooling, (1, 2)).cpu()
+        del inputs, outputs
+    return out
+
+
+def em_bins(em: Sequence[int] | Tensor | pd.Series, bins: Sequence[tuple[int, int]] = EM_BINS) -> pd.Series:
+    """Label each EM with its Stoehr Fig. 9 bin (``"0-10"``, ``"11-29"``, ``"30-49"``, ``"50"``); NaN outside all bins."""
+    e = pd.Series(np.asarray(em.cpu() if isinstance(em, Tensor) else em), dtype="float64")
+    labels = pd.Series([None] * len(e), dtype="object")
+    for lo, hi in bins:
+        if lo > hi:
+            raise ValueError(f"bins must be (low, high) with low <= high, got {(lo, hi)}")
+        lab = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        labels[(e >= lo) & (e <= hi)] = lab
+    return labels
+
+
+def parameter_gradients_by_group(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
+                                 groups: Sequence | pd.Series, *, pooling: Pooling = "max",
+                                 max_per_group: int | None = None, batch_size: int = 8,
+                                 progress_bar: bool = True) -> pd.DataFrame:
+    """Set-level parameter gradient scores (Eq. 1-2) for each group of paragraphs (Fig. 4: MP vs NMP; Fig. 9: EM bins).
+
+    Args:
+        groups: one label per paragraph (e.g. ``split_memorization(df)`` or ``em_bins(df.em)``);
+            paragraphs labelled None/NaN are skipped.
+        max_per_group: use at most the first this many paragraphs of each group (the paper: 50).
+
+    Returns:
+        The :func:`parameter_gradients` table with a leading ``group`` column and ``n_paragraphs``.
+    """
+    tokens = _check_common(model, tokens, prefix_len, pooling, batch_size)
+    labels = pd.Series(list(groups.to_numpy() if isinstance(groups, pd.Series) else groups), dtype="object")
+    if len(labels) != len(tokens):
+        raise ValueError(f"groups has {len(labels)} labels for {len(tokens)} paragraphs")
+    if max_per_group is not None:
+        check_positive_int(max_per_group, "max_per_group")
+    valid = labels.notna()
+    if not valid.any():
+        raise ValueError("groups labels no paragraph")
+    frames = []
+    for g in pd.unique(labels[valid]):
+        idx = np.flatnonzero((labels == g).to_numpy())
+        if max_per_group is not None:
+            idx = idx[:max_per_group]
+        df = parameter_gradients(model, tokens[torch.as_tensor(idx, device=tokens.device)], prefix_len,
+                                 pooling=pooling, batch_size=batch_size, progress_bar=progress_bar)
+        df.insert(0, "n_paragraphs", len(idx))
+        df.insert(0, "group", g)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def parameter_gradient_tensor(df: pd.DataFrame, *, value: str = "value") -> tuple[Float[Tensor, "layer component"], list[str]]:
+    """Dense ``[layer, component]`` matrix (Fig. 4 heatmap) of a :func:`parameter_gradients` table and its column labels.
+
+    Several paragraphs/groups in ``df`` are averaged.
+    """
+    need = {"layer", "component", "head", value}
+    if not isinstance(df, pd.DataFrame) or not need <= set(df.columns):
+        raise ValueError(f"df must be a parameter_gradients DataFrame with columns {sorted(need)}")
+    order = {c: i for i, c in enumerate(ATTN_COMPONENTS + MLP_COMPONENTS)}
+    d = df.assign(_o=df["component"].map(order))
+    if d["_o"].isna().any():
+        raise ValueError(f"df has unknown components {sorted(set(df.component) - set(order))}")
+    d["label"] = [f"{c} H{h}" if h >= 0 else c for c, h in zip(d["component"], d["head"])]
+    cols = d.drop_duplicates("label").sort_values(["_o", "head"])["label"].tolist()
+    piv = d.pivot_table(index="layer", columns="label", values=value, aggfunc="mean").reindex(columns=cols)
+    return torch.tensor(piv.to_numpy(), dtype=torch.float32), cols
+
+
+def attention_mlp_totals(df: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Per-layer totals of the scores of attention vs MLP components (Stoehr Fig. 9 bars).
+
+    With a table from ``pooling="sum"`` these are the absolute gradient sums of the attention and
+    MLP blocks of each layer, as in Fig. 9.  ``by`` adds grouping columns (e.g. ``["group"]``).
+
+    Returns:
+        DataFrame ``*by, layer, block, total``.
+    """
+    if not isinstance(df, pd.DataFrame) or not {"layer", "component", "value"} <= set(df.columns):
+        raise ValueError("df must be a parameter_gradients DataFrame (columns layer, component, value)")
+    by = list(by)
+    missing = [c for c in by if c not in df.columns]
+    if missing:
+        raise ValueError(f"by columns {missing} are not in df")
+    d = df.assign(block=np.where(df["component"].isin(ATTN_COMPONENTS), "attn", "mlp"))
+    keys = by + (["paragraph"] if "paragraph" in d.columns and "paragraph" not in by else [])
+    tot = d.groupby(keys + ["layer", "block"], sort=True)["value"].sum().rename("total").reset_index()
+    if "paragraph" in keys and "paragraph" not in by:  # mean over paragraphs
+        tot = tot.groupby(by + ["layer", "block"], sort=True)["total"].mean().reset_index()
+    return tot
+
+
+# ---------------------------------------------------------------------------------------------
+# activation gradients
+# ---------------------------------------------------------------------------------------------
+
+#: component -> (hook name template, per-head?)
+ACTIVATION_COMPONENTS: dict[str, tuple[str, bool]] = {
+    "q": ("blocks.{l}.attn.hook_q", True),
+    "k": ("blocks.{l}.attn.hook_k", True),
+    "v": ("blocks.{l}.attn.hook_v", True),
+    "z": ("blocks.{l}.attn.hook_z", True),
+    "result": ("blocks.{l}.hook_attn_out", True),
+    "attn_out": ("blocks.{l}.hook_attn_out", False),
+    "mlp_pre": ("blocks.{l}.mlp.hook_pre", False),
+    "mlp_post": ("blocks.{l}.mlp.hook_post", False),
+    "resid_pre": ("blocks.{l}.hook_resid_pre", False),
+    "resid_mid": ("blocks.{l}.hook_resid_mid", False),
+    "resid_post": ("blocks.{l}.hook_resid_post", False),
+}
+DEFAULT_ACTIVATION_COMPONENTS = ("q", "k", "v", "z", "attn_out", "mlp_pre", "mlp_post", "resid_pre", "resid_mid",
+                                 "resid_post")
+
+
+def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+                         components: Sequence[str] = DEFAULT_ACTIVATION_COMPONENTS,
+                         layers: Sequence[int] | None = None, pooling: Pooling = "max", batch_size: int = 8,
+                         progress_bar: bool = True) -> pd.DataFrame:
+    """Activation gradient attribution scores per layer x component x head x position (Stoehr Eq. 5, Fig. 6, Fig. 10).
+
+    The gradient of each paragraph's continuation NLL w.r.t. the activations at the hook points
+    of ``components`` (see ``ACTIVATION_COMPONENTS``), |.| pooled over the hidden dimension
+    (``d_head`` for per-head components, ``d_model``/``d_mlp`` otherwise).  ``"result"`` is the
+    per-head attention output ``z_h W_O^h``: since the heads' results are summed into
+    ``hook_attn_out``, its gradient is that of ``hook_attn_out`` for every head (so it is the same
+    for all heads; it is not in the default components).  Positions after the last scored
+    token get zero gradient.
+
+    Args:
+        components: subset of ``ACTIVATION_COMPONENTS``.
+        layers: layers to report (default all).
+        pooling: ``"max"`` (Eq. 5), ``"sum"`` or ``"mean"`` over the hidden dimension.
+        batch_size: paragraphs per forward/backward (one backward per batch).
+
+    Returns:
+        Tidy DataFrame ``paragraph, layer, component, head, position, value`` (``head = -1`` for
+        components without heads).
+    """
+    tokens = _check_common(model, tokens, prefix_len, pooling, batch_size)
+    comps = list(components) if not isinstance(components, str) else [components]
+    if not comps:
+        raise ValueError("components is empty")
+    bad = [c for c in comps if c not in ACTIVATION_COMPONENTS]
+    if bad:
+        raise ValueError(f"components {bad} are not among {tuple(ACTIVATION_COMPONENTS)}")
+    n_layers = int(model.cfg.n_layers)
+    lays = list(range(n_layers)) if layers is None else [int(l) for l in layers]
+    if not lays or any(not 0 <= l < n_layers for l in lays):
+        raise ValueError(f"layers must be a non-empty list of layers in 0..{n_layers - 1}, got {layers!r}")
+    if tuple(comps) == DEFAULT_ACTIVATION_COMPONENTS:  # e.g. parallel-attention models have no resid_mid
+        comps = [c for c in comps if all(ACTIVATION_COMPONENTS[c][0].format(l=l) in model.hook_dict for l in lays)]
+    hook_names = sorted({ACTIVATION_COMPONENTS[c][0].format(l=l) for c in comps for l in lays})
+    missing = [h for h in hook_names if h not in model.hook_dict]
+    if missing:
+        raise ValueError(f"components: the model has no hook points {missing}")
+    n, seq = tokens.shape
+    frames = []
+    with borrowed(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for start in progress(range(0, n, batch_size), enabled=progress_bar, desc="activation gradients"):
+            x = tokens[start:start + batch_size]
+            b = x.shape[0]
+            acts: dict[str, Tensor] = {}
+
+            def grad_leaf(act, hook):  # make everything downstream differentiable
+                return act.detach().requires_grad_(True)
+
+            def capture(act, hook, name=None):  # hook.name may be an alias of the requested name
+                acts[name] = act
+                return act
+
+            fwd = [("blocks.0.hook_resid_pre", grad_leaf)] + [
+                (h, lambda act, hook, name=h: capture(act, hook, name)) for h in hook_names]
+            with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+                loss = continuation_loss(model(x), x, prefix_len).sum()
+                names = [h for h in hook_names if h in acts]
+                grads = torch.autograd.grad(loss, [acts[h] for h in names], allow_unused=True)
+            gmap = {h: (torch.zeros_like(acts[h]) if g is None else g) for h, g in zip(names, grads)}
+            for c in comps:
+                tmpl, per_head = ACTIVATION_COMPONENTS[c]
+                for l in lays:
+                    g = gmap[tmpl.format(l=l)].detach().float()
+                    if per_head and c != "result":
+                        vals = _pool(g, pooling, (3,))                        # [b, pos, head]
+                    else:
+                        vals = _pool(g, pooling, (2,)).unsqueeze(-1)          # [b, pos, 1]
+                        if c == "result":
+                            vals = vals.expand(b, seq, int(model.cfg.n_heads))
+                    H = vals.shape[-1]
+                    heads = np.arange(H) if (per_head or c == "result") else np.array([-1])
+                    v = vals.permute(0, 2, 1).cpu().numpy()                  # [b, head, pos]
+                    ii, hh, pp = np.meshgrid(np.arange(b), np.arange(H), np.arange(seq), indexing="ij")
+                    frames.append(pd.DataFrame({
+                        "paragraph": start + ii.ravel(), "layer": l, "component": c,
+                        "head": heads[hh.ravel()], "position": pp.ravel(), "value": v.ravel().astype(np.float64)}))
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["paragraph", "layer", "component", "head", "position"], kind="stable").reset_index(drop=True)
+
+
+def activation_gradient_tensor(df: pd.DataFrame, component: str, *, paragraph: int | None = None
+                               ) -> Float[Tensor, "layer head position"]:
+    """Dense ``[layer, head, position]`` tensor of one component of an :func:`activation_gradients` table.
+
+    ``paragraph`` selects one paragraph; otherwise the mean over the table's paragraphs.  Layers
+    and heads not in the table are NaN; components without heads have a single head row.
+    """
+    if not isinstance(df, pd.DataFrame) or not {"layer", "component", "head", "position", "value"} <= set(df.columns):
+        raise ValueError("df must be an activation_gradients DataFrame")
+    d = df[df["component"] == component]
+    if d.empty:
+        raise ValueError(f"component {component!r} is not in df (has {sorted(df.component.unique())})")
+    if paragraph is not None:
+        d = d[d["paragraph"] == paragraph]
+        if d.empty:
+            raise ValueError(f"paragraph {paragraph!r} is not in df")
+    m = d.groupby(["layer", "head", "position"], sort=True)["value"].mean().reset_index()
+    heads = sorted(d["head"].unique())
+    hidx = pd.Series(np.arange(len(heads)), index=heads)
+    out = torch.full((int(d["layer"].max()) + 1, len(heads), int(d["position"].max()) + 1), float("nan"))
+    out[torch.as_tensor(m["layer"].to_numpy(dtype=np.int64)), torch.as_tensor(hidx[m["head"]].to_numpy()),
+        torch.as_tensor(m["position"].to_numpy(dtype=np.int64))] = torch.as_tensor(m["value"].to_numpy(), dtype=torch.float32)
+    return out

@@ -1,0 +1,132 @@
+"""Figures of the memorization-head analysis (Stoehr et al. 2024, Fig. 6 and Fig. 7)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+__all__ = ["head_token_heatmaps", "rank_attention"]
+
+
+def _matrix(values: Any, what: str) -> np.ndarray:
+    """A [head, position] array from a tensor/array or a tidy DataFrame (head, position, value)."""
+    if isinstance(values, pd.DataFrame):
+        col = next((c for c in ("value", "attention") if c in values.columns), None)
+        if col is None or not {"head", "position"} <= set(values.columns):
+            raise ValueError(f"{what}: a DataFrame needs columns head, position and value (or attention)")
+        for extra in ("layer", "paragraph", "component"):
+            if extra in values.columns and values[extra].nunique() > 1:
+                raise ValueError(f"{what}: the DataFrame holds several values of {extra!r}; select one first")
+        return values.pivot_table(index="head", columns="position", values=col, aggfunc="mean").to_numpy(float)
+    arr = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float)
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [head, position], got shape {arr.shape}")
+    return arr
+
+
+def head_token_heatmaps(values: Float[Tensor, "head position"] | pd.DataFrame | Mapping[str, Any],
+                        token_labels: Sequence[str] | None = None, title: str = "", *,
+                        colorscale: str = "Blues") -> go.Figure:
+    """Per-head heatmaps over the prefix tokens (Stoehr et al. Fig. 6).
+
+    Args:
+        values: one [head, position] matrix — a tensor/array, or a tidy DataFrame with columns
+            ``head``, ``position`` and ``value``/``attention`` for one layer (e.g. value-activation
+            gradients of ``memloc.gradients.activation_gradients`` or the attention of
+            ``memloc.heads.first_token_attention_frame``) — or a mapping ``{panel title:
+            matrix}`` to stack several panels sharing the x axis (Fig. 6: gradients on top,
+            attention below).
+        token_labels: the decoded prefix tokens, one per position (x tick labels; repeated
+            tokens stay separate columns).
+        title: figure title.
+        colorscale: plotly colorscale.
+
+    Returns:
+        A plotly Figure, heads on the y axis (H0 at the top), tokens on the x axis.
+    """
+    panels = dict(values) if isinstance(values, Mapping) else {"": values}
+    if not panels:
+        raise ValueError("values is an empty mapping; pass at least one [head, position] matrix")
+    mats = {k: _matrix(v, f"values[{k!r}]" if k else "values") for k, v in panels.items()}
+    widths = {m.shape[1] for m in mats.values()}
+    if len(widths) != 1:
+        raise ValueError(f"all panels must have the same number of positions, got {sorted(widths)}")
+    width = widths.pop()
+    if token_labels is not None:
+        token_labels = [str(t) for t in token_labels]
+        if len(token_labels) != width:
+            raise ValueError(f"token_labels has {len(token_labels)} labels for {width} positions")
+    fig = make_subplots(rows=len(mats), cols=1, shared_xaxes=True, subplot_titles=list(mats) if len(mats) > 1 else None,
+                        vertical_spacing=0.08)
+    x = list(range(width))
+    for i, (name, m) in enumerate(mats.items(), start=1):
+        heads = [f"H{h}" for h in range(m.shape[0])]
+        hover = "head %{y}<br>position %{x}<br>value %{z:.4g}<extra></extra>"
+        text = None
+        if token_labels is not None:
+            text = [token_labels] * m.shape[0]
+            hover = "head %{y}<br>position %{x} (%{text})<br>value %{z:.4g}<extra></extra>"
+        fig.add_trace(go.Heatmap(z=m, x=x, y=heads, colorscale=colorscale, text=text, hovertemplate=hover,
+                                 colorbar=dict(len=1 / len(mats), y=1 - (i - 0.5) / len(mats)), name=name or "values"),
+                      row=i, col=1)
+        fig.update_yaxes(autorange="reversed", row=i, col=1)
+    if token_labels is not None:
+        fig.update_xaxes(tickmode="array", tickvals=x, ticktext=token_labels, tickangle=-60, row=len(mats), col=1)
+    fig.update_layout(title=title, height=260 * len(mats) + 120, width=max(700, 18 * width + 200),
+                      template="plotly_white")
+    return fig
+
+
+def rank_attention(df: pd.DataFrame, highlight: tuple[int, int] | None = None, *,
+                   correlations: pd.DataFrame | None = None, layers: Sequence[int] | None = None,
+                   title: str = "Attention of the first decoded token per token-frequency rank") -> go.Figure:
+    """Aggregated attention per corpus-frequency rank, one line per head (Stoehr et al. Fig. 7).
+
+    Args:
+        df: the DataFrame of ``memloc.heads.rare_token_attention`` (layer, head, rank, attention).
+        highlight: ``(layer, head)`` drawn in colour and thick (e.g. the memorization head); the
+            other heads are thin grey lines.
+        correlations: optional ``memloc.heads.rare_token_correlation`` result; each line's name
+            then shows its correlation.
+        layers: restrict to these layers (default: all in ``df``).
+        title: figure title.
+
+    Returns:
+        A plotly Figure, rank (0 = rarest) on x, aggregated attention on y.
+    """
+    if not isinstance(df, pd.DataFrame) or not {"layer", "head", "rank", "attention"} <= set(df.columns):
+        raise ValueError("df must be a DataFrame with columns layer, head, rank, attention "
+                         "(the result of rare_token_attention)")
+    if layers is not None:
+        df = df[df["layer"].isin(list(layers))]
+        if df.empty:
+            raise ValueError(f"no rows for layers {list(layers)}")
+    heads = sorted({(int(l), int(h)) for l, h in zip(df["layer"], df["head"])})
+    if highlight is not None:
+        highlight = (int(highlight[0]), int(highlight[1]))
+        if highlight not in heads:
+            raise ValueError(f"highlight {highlight} is not a (layer, head) in df")
+    corr = {}
+    if correlations is not None:
+        if not {"layer", "head", "correlation"} <= set(correlations.columns):
+            raise ValueError("correlations must have columns layer, head, correlation")
+        corr = {(int(r.layer), int(r.head)): float(r.correlation) for r in correlations.itertuples()}
+    if "n_tokens" in df.columns:  # ranks that no token has carry no information
+        df = df[df["n_tokens"] > 0]
+    fig = go.Figure()
+    for key in sorted(heads, key=lambda k: k == highlight):  # highlight drawn last (on top)
+        g = df[(df["layer"] == key[0]) & (df["head"] == key[1])].sort_values("rank")
+        name = f"L{key[0]}H{key[1]}" + (f" (r={corr[key]:.2f})" if key in corr else "")
+        hot = key == highlight
+        fig.add_trace(go.Scatter(x=g["rank"], y=g["attention"], mode="lines+markers" if hot else "lines", name=name,
+                                 line=dict(color="crimson" if hot else "rgba(120,120,120,0.35)", width=3 if hot else 1),
+                                 showlegend=hot or len(heads) <= 16))
+    fig.update_layout(title=title, xaxis_title="token-frequency rank in the prefix (0 = rarest)",
+                      yaxis_title="aggregated attention of the first decoded token", template="plotly_white")
+    return fig
