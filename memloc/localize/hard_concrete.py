@@ -1,0 +1,95 @@
+"""HARD CONCRETE (Chang et al. §4, Eq. 10-12, A.4, Eq. 17; Louizos et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .._checks import check_positive_int
+from ..borrow import borrowed
+from ._common import prepare_sequence
+from ._masks import train_masks
+from .slimming import _check_float, _check_start_layer
+
+__all__ = ["hard_concrete", "hard_concrete_mask", "l0_regularizer", "GAMMA", "ZETA"]
+
+#: Stretch interval (γ, ζ) of the hard-concrete distribution (A.4).
+GAMMA, ZETA = -0.1, 1.1
+
+
+def hard_concrete_mask(log_m: Float[Tensor, "... neuron"], beta: float, u: Tensor | None = None) -> Tensor:
+    """The hard-concrete mask m̄ (Eq. 10-11 and A.4): ``m̂ = σ((log(u/(1-u)) + log m) / β)`` with
+    ``u ~ U(0, 1)`` (clamped to [1e-4, 1-1e-4] as in the authors' code), stretched to (γ, ζ) and
+    clipped to [0, 1].  With ``u=None`` it is the test-time estimate ``σ(log m)`` stretched and
+    clipped."""
+    if u is None:
+        s = torch.sigmoid(log_m)
+    else:
+        u = u.clamp(1e-4, 1 - 1e-4)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_m) / beta)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def l0_regularizer(log_m: Float[Tensor, "layer neuron"], beta: float, start_layer: int = 0) -> Float[Tensor, ""]:
+    """Expected L0 norm of Eq. 17, ``R(m̄^l) = sum_i σ(log m^l_i - C)`` with ``C = β log(-γ/ζ)``;
+    normalized as in the authors' code: mean over neurons of each layer, then mean over the
+    masked layers ``>= start_layer``."""
+    c = beta * math.log(-GAMMA / ZETA)
+    return torch.sigmoid(log_m[start_layer:] - c).mean()
+
+
+def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+                  lam: float = 1000.0, lr: float = 1e-2, beta: float = 2 / 3, mask_init: float = 0.5,
+                  max_steps: int = 5000, stop_loss: float = 0.1, check_every: int = 10, start_layer: int = 0,
+                  seed: int = 0, progress_bar: bool = True,
+                  history: list | None = None) -> Float[Tensor, "layer neuron"]:
+    """HARD CONCRETE attribution (Chang et al. Eq. 12): learn ``log m^l`` for every FFN neuron,
+    multiply ``h^l`` by a freshly sampled hard-concrete mask ``m̄^l`` (one u per neuron per step,
+    Eq. 10-11, A.4) at ``blocks.{l}.mlp.hook_post``, and minimize ``l_mem(x) + lam * R`` (Eq. 17)
+    with the model frozen and no dropout; the score is ``A^l(i) = σ(log m^l_i)``.
+
+    ``log m`` is the learned parameter, initialized so the stretched mean mask is ``mask_init``:
+    ``log m = logit((mask_init - γ) / (ζ - γ))`` (0 for the default 0.5).  Defaults are the
+    authors' released settings (MemPi: Adam, ``lr=1e-2``, ``lam=1000``, ``beta=2/3``,
+    ``mask_p=0.5``, at most 5000 steps, early stop once ``R < stop_loss=0.1``, checked every 10
+    steps).  The noise comes from a ``torch.Generator`` seeded with ``seed`` (the global RNG is not
+    touched), so results are deterministic per seed.
+
+    Returns:
+        Float[Tensor, "layer neuron"] scores σ(log m) in (0, 1) on the model's device.
+    """
+    tokens = prepare_sequence(model, tokens, prefix_len)
+    lam = _check_float(lam, "lam", positive=False)
+    lr = _check_float(lr, "lr")
+    beta = _check_float(beta, "beta")
+    stop_loss = _check_float(stop_loss, "stop_loss", positive=False)
+    if isinstance(mask_init, bool) or not isinstance(mask_init, (int, float)) or not 0 < mask_init < 1:
+        raise ValueError(f"mask_init must be in (0, 1), got {mask_init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_positive_int(max_steps, "max_steps")
+    check_positive_int(check_every, "check_every")
+    start_layer = _check_start_layer(model, start_layer)
+    with borrowed(model):
+        dev = tokens.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        p = (mask_init - GAMMA) / (ZETA - GAMMA)
+        log_m = torch.full((model.cfg.n_layers, model.cfg.d_mlp), math.log(p / (1 - p)), device=dev,
+                           requires_grad=True)
+        noise: dict[int, Tensor] = {}
+
+        def mask_fn(l: int) -> Tensor:
+            if l == start_layer:  # first masked layer of this forward: draw u for every layer
+                noise["u"] = torch.rand(log_m.shape, generator=gen, device=dev)
+            return hard_concrete_mask(log_m[l], beta, noise["u"][l])
+
+        train_masks(model, tokens, prefix_len, log_m, mask_fn=mask_fn,
+                    regularizer=lambda: l0_regularizer(log_m, beta, start_layer), lam=lam, lr=lr,
+                    max_steps=max_steps, stop_loss=stop_loss, check_every=check_every, start_layer=start_layer,
+                    clip=None, progress_bar=progress_bar, desc="hard concrete", history=history)
+        return torch.sigmoid(log_m.detach()).clone()
