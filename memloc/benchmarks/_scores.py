@@ -1,0 +1,184 @@
+"""Shared machinery of the benchmarks: resolving localization methods and caching their scores.
+
+A localization method is a callable ``(model, tokens [1, seq], prefix_len, **hyperparameters)
+-> Float[Tensor, "layer neuron"]`` (see :mod:`memloc.localize`).  Attribution scores can take
+minutes per sequence (HARD CONCRETE, IG, ZERO-OUT), so :func:`localize_cached` stores them as
+safetensors keyed by (model fingerprint, method, hyperparameters, sequence, prefix length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["resolve_methods", "check_method_kwargs", "model_fingerprint", "localize_cached", "score_cache_path",
+           "with_sequence_seed"]
+
+#: The paper's method order (Chang et al. Tables 2 and 3), used when sorting tables.
+PAPER_ORDER = ("hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations",
+               "attribution_patching", "random")
+
+
+def resolve_methods(methods: Mapping[str, Callable] | Sequence[str] | str) -> dict[str, Callable]:
+    """Turn ``methods`` into an ordered ``{name: callable}`` dict.
+
+    Names are looked up in ``memloc.localize.METHODS`` (imported lazily, only when a name has to
+    be resolved); a mapping passes through after checking that its values are callable.
+    """
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if isinstance(methods, Mapping):
+        out = dict(methods)
+    elif isinstance(methods, Sequence):
+        names = list(methods)
+        if any(not isinstance(n, str) for n in names):
+            raise ValueError(f"methods must be a dict name -> callable or a list of method names, got {methods!r}")
+        out = {}
+        if names:
+            try:
+                from ..localize import METHODS
+            except ImportError as exc:  # the registry is not there: say which names were asked for
+                raise ValueError(f"methods {names} need memloc.localize.METHODS, which could not be imported "
+                                 f"({exc}); pass a dict name -> callable instead") from exc
+            unknown = [n for n in names if n not in METHODS]
+            if unknown:
+                raise ValueError(f"methods: unknown method names {unknown}; expected some of {sorted(METHODS)}")
+            out = {n: METHODS[n] for n in names}
+    else:
+        raise ValueError(f"methods must be a dict name -> callable or a list of method names, got "
+                         f"{type(methods).__name__}")
+    if not out:
+        raise ValueError("methods is empty; pass at least one localization method")
+    bad = [n for n, f in out.items() if not callable(f) or not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"methods: entries {bad} are not (str name -> callable)")
+    return out
+
+
+def check_method_kwargs(method_kwargs: Mapping[str, Mapping] | None, methods: Mapping[str, Callable]) -> dict[str, dict]:
+    """Validate per-method hyperparameters: a dict ``{method name: {kwarg: value}}`` over known methods."""
+    if method_kwargs is None:
+        return {n: {} for n in methods}
+    if not isinstance(method_kwargs, Mapping):
+        raise ValueError(f"method_kwargs must be a dict method name -> dict of hyperparameters, got "
+                         f"{type(method_kwargs).__name__}")
+    unknown = [n for n in method_kwargs if n not in methods]
+    if unknown:
+        raise ValueError(f"method_kwargs names methods {unknown} that are not among methods {list(methods)}")
+    out = {}
+    for n in methods:
+        kw = method_kwargs.get(n, {}) or {}
+        if not isinstance(kw, Mapping):
+            raise ValueError(f"method_kwargs[{n!r}] must be a dict of hyperparameters, got {type(kw).__name__}")
+        out[n] = dict(kw)
+    return out
+
+
+def with_sequence_seed(fn: Callable, kwargs: Mapping, index: int) -> dict:
+    """``kwargs`` plus ``seed=index`` if ``fn`` takes a ``seed`` keyword and ``kwargs`` sets none.
+
+    The benchmarks call this per sequence so that RANDOM draws a fresh random neuron set for
+    every sequence (as in Chang et al.), and stochastic methods (HARD CONCRETE) are
+    reproducible per sequence; an explicit ``seed`` in ``method_kwargs`` is used for every
+    sequence instead.
+    """
+    out = dict(kwargs)
+    if "seed" in out:
+        return out
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return out
+    if "seed" in params and params["seed"].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        out["seed"] = int(index)
+    return out
+
+
+def _tensor_bytes(t: Tensor):
+    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
+
+
+def model_fingerprint(model: Any) -> str:
+    """Hash of every parameter's name, dtype, shape and bytes: two models share it iff their weights
+    are identical (used as the score-cache key; an injected model gets its own)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
+        h.update(_tensor_bytes(p))
+    return h.hexdigest()
+
+
+def _kwargs_json(kwargs: Mapping) -> str:
+    return json.dumps(dict(kwargs), sort_keys=True, default=repr)
+
+
+def score_cache_path(cache_dir: str | Path, fingerprint: str, method: str, kwargs: Mapping,
+                     tokens: Int[Tensor, "1 seq"], prefix_len: int) -> Path:
+    """Where the scores of one (model, method, hyperparameters, sequence, prefix) live."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (fingerprint, method, _kwargs_json(kwargs), str(int(prefix_len)), str(tuple(tokens.shape))):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(_tensor_bytes(tokens.long()))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in method)
+    return Path(cache_dir) / safe / f"{h.hexdigest()}.safetensors"
+
+
+def _check_scores(scores: Any, method: str, model: Any) -> Tensor:
+    shape = (int(model.cfg.n_layers), int(model.cfg.d_mlp))
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != shape or not scores.dtype.is_floating_point:
+        raise ValueError(f"method {method!r} returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))}; "
+                         f"expected a float tensor of shape {shape} [layer, neuron]")
+    if torch.isnan(scores).all():
+        raise ValueError(f"method {method!r} returned only NaN scores")
+    # methods may leave unscored layers/neurons NaN (e.g. zero_out(layers=...)): never select them
+    return torch.nan_to_num(scores.detach().float(), nan=float("-inf"))
+
+
+def localize_cached(model: Any, method: str, fn: Callable, tokens: Int[Tensor, "1 seq"], prefix_len: int,
+                    kwargs: Mapping | None = None, *, cache_dir: str | Path | None = None,
+                    fingerprint: str | None = None) -> Float[Tensor, "layer neuron"]:
+    """Scores of ``fn(model, tokens, prefix_len, **kwargs)``, read from / written to ``cache_dir``.
+
+    The cache key is (``fingerprint`` or :func:`model_fingerprint`, ``method``, ``kwargs``,
+    ``tokens``, ``prefix_len``); the file also records them as metadata, which is checked on
+    read.  Returns float32 scores on the CPU.
+    """
+    kwargs = dict(kwargs or {})
+    path = meta = None
+    if cache_dir is not None:
+        fingerprint = fingerprint or model_fingerprint(model)
+        path = score_cache_path(cache_dir, fingerprint, method, kwargs, tokens, prefix_len)
+        meta = {"fingerprint": fingerprint, "method": method, "kwargs": _kwargs_json(kwargs),
+                "prefix_len": str(int(prefix_len)),
+                "tokens": hashlib.blake2b(_tensor_bytes(tokens.long()), digest_size=16).hexdigest()}
+        if path.exists():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    stored = f.metadata() or {}
+                if stored == meta:
+                    return load_file(str(path))["scores"]
+                logger.warning("score cache %s holds other metadata; recomputing", path)
+            except Exception as exc:  # a truncated or foreign file: recompute and overwrite
+                logger.warning("could not read score cache %s (%s); recomputing", path, exc)
+    scores = _check_scores(fn(model, tokens, prefix_len, **kwargs), method, model).detach().float().cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"scores": scores.contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+    return scores
