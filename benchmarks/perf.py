@@ -10,8 +10,9 @@ max_abs_diff`` plus method-specific columns:
   batch size.  ``bound`` is the best speedup obtainable by skipping layers < l alone, counting
   layers: ``n_layers / mean_l (n_layers - l)`` (layer l itself counted as needed; embedding and
   unembedding ignored), and ``achieved_over_bound = speedup / bound``.
-* ``integrated_gradients``: fast KV-cache path vs the authors' loop (one forward+backward of
-  ``[p, s_<t]`` per layer and position, all 20 Riemann steps batched).
+* ``integrated_gradients``: the fast path ``implementation="auto"`` chooses (on GPT-Neo / GPT-2 the
+  direct single-token pass over the clean keys/values; elsewhere the KV-cache path) vs the authors'
+  loop (one forward+backward of ``[p, s_<t]`` per layer and position, all 20 Riemann steps batched).
 * ``slimming`` / ``hard_concrete``: seconds per optimization step (difference of a long and a short
   run, so setup is excluded) vs one plain forward+backward of the memorization loss with respect
   to the model's parameters (``reference_seconds``); ``speedup`` is then plain / step (≥ 1/1.2 is

@@ -107,6 +107,86 @@ def test_ig_prefix_len_one(small_models):
     assert ((fast.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
+def _spy(monkeypatch, name):
+    """Count the calls of a private IG implementation while still running it."""
+    import sys
+
+    ig_mod = sys.modules["memloc.localize.integrated_gradients"]  # the package attribute is the function
+    calls = []
+    real = getattr(ig_mod, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ig_mod, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["gpt-neo", "gpt2"])
+def test_ig_direct_matches_reference_small(small_models, kind, unchanged, monkeypatch):
+    m = small_models[kind]
+    seq, p = 60, 20  # gpt-neo's layer 1 is local with window 32 < 60: rows beyond the window are covered
+    x = _tokens(m, seq, seed=4)
+    positions = [19, 31, 32, 45, 58]  # q < 32 sees all earlier keys; q >= 32 only keys p > q - 32
+    direct_calls = _spy(monkeypatch, "_ig_direct")
+    with unchanged(m):
+        # batch of 13 rows: batches mixing layers and positions
+        direct = loc.integrated_gradients(m, x, p, steps=5, batch_size=13, positions=positions,
+                                          implementation="direct", **FAST)
+        auto = loc.integrated_gradients(m, x, p, steps=5, positions=positions, **FAST)
+    assert len(direct_calls) == 2  # auto chose the direct path too
+    ref = reference_integrated_gradients(m, x, p, steps=5, positions=positions)
+    scale = ref.abs().max()
+    assert scale > 0
+    assert ((direct.cpu() - ref).abs().max() / scale) < 1e-4
+    assert ((auto.cpu() - ref).abs().max() / scale) < 1e-4
+    kv = loc.integrated_gradients(m, x, p, steps=5, positions=positions, implementation="kv_cache", **FAST)
+    assert ((kv.cpu() - direct.cpu()).abs().max() / scale) < 1e-4
+
+
+def test_ig_direct_matches_reference_tiny(tiny, memorized, unchanged):
+    x = memorized[2]  # 100 tokens; layers 1 and 3 are local with window 64
+    positions = [49, 63, 64, 98]
+    with unchanged(tiny):
+        direct = loc.integrated_gradients(tiny, x, 50, steps=6, layers=[0, 1, 3], positions=positions,
+                                          implementation="direct", **FAST)
+    assert torch.isnan(direct[2]).all()
+    ref = reference_integrated_gradients(tiny, x.reshape(1, -1), 50, steps=6, layers=[0, 1, 3],
+                                         positions=positions)
+    got, want = direct[[0, 1, 3]].cpu(), ref[[0, 1, 3]]
+    assert want.abs().max() > 0
+    assert ((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_ig_direct_falls_back_under_hooks(small_models, unchanged, monkeypatch):
+    """With a user hook active the direct pass (which does not run hooks) no longer reproduces the model:
+    'auto' falls back to a path through the hooked forward, explicit 'direct' refuses."""
+    m = small_models["gpt-neo"]
+    x = _tokens(m, 30, seed=5)
+    direct_calls = _spy(monkeypatch, "_ig_direct")
+
+    bump = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(6))  # not removed by LayerNorm
+
+    def shift(act, hook):
+        return act + bump.to(act.device)
+
+    with m.hooks(fwd_hooks=[("blocks.0.hook_resid_post", shift)]):
+        with unchanged(m):
+            auto = loc.integrated_gradients(m, x, 25, steps=4, **FAST)
+            with pytest.raises(RuntimeError, match="direct"):
+                loc.integrated_gradients(m, x, 25, steps=4, implementation="direct", **FAST)
+        ref = reference_integrated_gradients(m, x, 25, steps=4)
+    assert not direct_calls
+    assert ((auto.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_ig_direct_unsupported_architecture(small_models, unchanged):
+    m = small_models["llama"]
+    with unchanged(m), pytest.raises(ValueError, match="direct"):
+        loc.integrated_gradients(m, _tokens(m, 10), 4, steps=2, implementation="direct", **FAST)
+
+
 # ---------------------------------------------------------------- ACTIVATIONS
 def test_activations_hand_computed(small_models):
     m = small_models["gpt-neo"]
@@ -316,6 +396,8 @@ def test_bad_hyperparameters(small_models, name, kw, match):
      dict(implementation="kv_cache", steps=3, **FAST)),
     ("integrated_gradients", "memloc.localize.integrated_gradients:riemann_alphas",
      dict(implementation="full", steps=3, **FAST)),
+    ("integrated_gradients", "memloc.localize.integrated_gradients:_ig_direct",
+     dict(implementation="direct", steps=3, **FAST)),
     ("slimming", "memloc.localize._masks:memorization_loss", FAST),
     ("hard_concrete", "memloc.localize._masks:memorization_loss", FAST),
     ("attribution_patching", "memloc.localize.attribution_patching:memorization_loss", {}),
