@@ -9,7 +9,7 @@ import logging
 import sys
 
 #: Subcommand modules under memloc.commands, in help order.
-COMMANDS = ["demo", "info", "memorization"]
+COMMANDS = ["demo", "info", "memorization", "bench", "perf", "reproduce"]
 
 
 def build_parser() -> argparse.ArgumentParser:

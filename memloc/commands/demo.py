@@ -1,26 +1,23 @@
-"""``memloc demo``: the main job on the embedded model.
-
-Until the full pipeline exists it prints the embedded model's facts and memorization summary.
-"""
+"""``memloc demo``: the main job on the embedded model: the reproduction pipeline of both papers
+(``memloc reproduce --model tiny --out figures``), writing figures, tables and ``figures/REPORT.md``."""
 
 from __future__ import annotations
 
-import json
+import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded model")
-    p.add_argument("--json", default=None)
+    p = sub.add_parser("demo", help="the main job on the embedded model: reproduce the papers' figures into figures/")
+    p.add_argument("--out", default="figures", help="output directory (default: figures)")
+    p.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    p.add_argument("--cache-dir", default=".memloc_cache", help="cache directory (default: .memloc_cache)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..models import load_model, model_facts
-    from .memorization import compute, summarize
+    from . import reproduce
 
-    model = load_model("tiny")
-    print(json.dumps(model_facts(model), indent=1))
-    summary = summarize("tiny", "tiny", compute(model, "tiny"))
-    for k, v in summary.items():
-        print(f"{k:>22}: {v}")
-    return 0
+    ns = argparse.Namespace(model="tiny", device=None, out=args.out, quick=args.quick, cache_dir=args.cache_dir,
+                            no_cache=False, stages=None, paragraphs=None, no_png=False, threads=None,
+                            max_paragraphs=None, batch_size=None)
+    return reproduce.run(ns)

@@ -25,5 +25,10 @@ def save(fig: go.Figure, path: str | Path, *, png: bool = True, scale: float = 2
 
 
 def _write_png(fig: go.Figure, path: Path, scale: float) -> Path:
-    fig.write_image(path, scale=scale)
+    try:
+        fig.write_image(path, scale=scale)
+    except Exception as exc:  # kaleido raises several types, e.g. when no Chromium is installed
+        raise RuntimeError(f"PNG export of {path.name} failed ({type(exc).__name__}: {exc}). plotly's static export "
+                           "(kaleido) drives a headless Chromium: install one with `make browser` (Debian's "
+                           "chromium), or call save(..., png=False) for HTML only") from exc
     return path

@@ -1,0 +1,135 @@
+"""Every public plot function returns a Figure on small synthetic DataFrames; ``save`` writes HTML
+and a real PNG (static export through kaleido + Chromium)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import memloc.plots as plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _param_grads(groups=("MP", "NMP")) -> pd.DataFrame:
+    rows = []
+    for g_i, g in enumerate(groups):
+        for layer in range(2):
+            for comp in ("W_Q", "W_K", "W_V", "W_O"):
+                for head in range(2):
+                    rows.append(dict(group=g, layer=layer, component=comp, head=head, label=f"{comp} H{head}",
+                                     block="attn", value=float(layer + head + g_i)))
+            for comp in ("W_in", "W_out"):
+                rows.append(dict(group=g, layer=layer, component=comp, head=-1, label=comp, block="mlp",
+                                 value=float(2 * layer + g_i)))
+    return pd.DataFrame(rows)
+
+
+def _act_grads() -> pd.DataFrame:
+    rows = [dict(paragraph=0, layer=l, component="v", head=h, position=p, value=float(l + h + p))
+            for l in range(2) for h in range(2) for p in range(5)]
+    return pd.DataFrame(rows)
+
+
+def _figures() -> dict[str, go.Figure]:
+    mem = pd.DataFrame({"id": range(6), "em": [50, 50, 3, 0, 20, 50], "nll": [0.1, 0.2, 3.0, 4.0, 1.5, 0.05],
+                        "count": [100, 30, 0, 0, 5, 200]})
+    mem["split"] = ["memorized", "memorized", "non-memorized", "non-memorized", "partial", "memorized"]
+    profile = pd.DataFrame({"paragraph": 0, "position": range(4), "em_drop_mean": [0, 50, 3, 0],
+                            "nll_change_mean": [0.1, 2.0, 0.3, 0.0], "em_drop_max": [0, 50, 3, 0]})
+    by_pos = pd.DataFrame({"group": ["memorized"] * 3 + ["non-memorized"] * 3, "position": [0, 1, 2] * 2,
+                           "mean": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "sem": 0.5, "n": 2})
+    ft = pd.DataFrame([dict(step=s, split=sp, id=i, em=50 - 10 * s if sp == "memorized" else 5, nll=1.0,
+                            objective=o, mask=m)
+                       for s in range(3) for sp in ("memorized", "non-memorized") for i in range(2)
+                       for o in ("unlearn", "edit") for m in ("top", "random")])
+    patch = pd.DataFrame([dict(id=0, direction=d, layer=l, component=c, head=h, value=0.1 * l - 0.05 * h)
+                          for d in ("mp_to_pmp", "pmp_to_mp") for l in range(2)
+                          for c, h in (("attn_out", -1), ("mlp_out", -1), ("z", 0), ("z", 1))])
+    ranks = pd.DataFrame([dict(layer=l, head=h, rank=r, attention=1 / (r + 1 + h), n_tokens=3)
+                          for l in range(2) for h in range(2) for r in range(5)])
+    corr = pd.DataFrame([dict(layer=l, head=h, correlation=-0.5 - 0.1 * h) for l in range(2) for h in range(2)])
+    inj = pd.DataFrame([dict(seq_id=s, method=m, ratio=0.01, k=0.01 * km, k_multiple=km, selection=sel,
+                             recall=0.1 * km, n_injected=41)
+                        for s in range(2) for m in ("activations", "random") for km in (1, 2)
+                        for sel in ("per_layer", "across_layers")])
+    del_rows = pd.DataFrame([dict(method=m, ratio=r, target_id=t, d_self_acc=-0.5, d_self_dist=10.0, d_neg_acc=-0.1,
+                                  d_neg_dist=2.0, d_rand_ppl=0.3)
+                             for m in ("activations", "random") for r in (0.01, 0.02) for t in range(2)])
+    conf = pd.DataFrame(np.array([[-0.9, -0.1, 0.0], [-0.2, -0.8, -0.1]]), index=pd.Index([3, 7], name="target_id"),
+                        columns=pd.Index([3, 7, 9], name="seq_id"))
+    return {
+        "memorization_scatter": plots.memorization_scatter(mem),
+        "memorization_scatter_count": plots.memorization_scatter(mem, color="count"),
+        "perturbation_bars": plots.perturbation_bars(profile, ["a", "b", "a", "c"]),
+        "perturbation_by_position": plots.perturbation_by_position(by_pos),
+        "gradient_heatmap": plots.gradient_heatmap(_param_grads(("MP",))),
+        "gradient_heatmaps_by_group": plots.gradient_heatmaps_by_group(_param_grads()),
+        "attention_vs_mlp_totals": plots.attention_vs_mlp_totals(_param_grads(), "group"),
+        "activation_gradient_heatmap": plots.activation_gradient_heatmap(_act_grads(), "v", 1),
+        "finetune_trajectories": plots.finetune_trajectories(ft),
+        "patching_heatmap": plots.patching_heatmap(patch),
+        "head_token_heatmaps": plots.head_token_heatmaps({"grad": torch.rand(2, 4), "att": torch.rand(2, 4)},
+                                                         ["w", "x", "y", "z"]),
+        "rank_attention": plots.rank_attention(ranks, (1, 1), correlations=corr),
+        "inj_recall_bars": plots.inj_recall_bars(inj),
+        "del_table_figure": plots.del_table_figure(del_rows),
+        "del_confusion_heatmap": plots.del_confusion_heatmap(conf, {3: "a", 7: "b", 9: "b"}),
+    }
+
+
+def test_every_plot_function_returns_a_figure():
+    figs = _figures()
+    for name, fig in figs.items():
+        assert isinstance(fig, go.Figure), name
+        assert len(fig.data) > 0, f"{name} has no traces"
+    # every public plot function (all but save/token_labels) is exercised above
+    public = {n for n in plots.__all__ if n not in ("save", "token_labels")}
+    assert public <= {k.replace("_count", "") for k in figs}
+
+
+def test_memorization_scatter_content():
+    mem = pd.DataFrame({"em": [50, 0, 50], "nll": [0.1, 3.0, 0.2], "split": ["memorized", "non-memorized", "memorized"]})
+    fig = plots.memorization_scatter(mem)
+    names = sorted(t.name for t in fig.data)
+    assert names == ["memorized (2)", "non-memorized (1)"]
+    ys = {t.name: sorted(t.y) for t in fig.data}
+    assert ys["memorized (2)"] == [0.1, 0.2]
+    with pytest.raises(ValueError, match="count"):
+        plots.memorization_scatter(mem, color="count")
+    with pytest.raises(ValueError, match="em"):
+        plots.memorization_scatter(pd.DataFrame({"nll": [1.0]}))
+    with pytest.raises(ValueError, match="color"):
+        plots.memorization_scatter(mem, color="bogus")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("google-chrome") is None,
+                    reason="no Chromium for static export (`make browser` installs it)")
+def test_save_writes_png_and_html(tmp_path):
+    fig = plots.memorization_scatter(pd.DataFrame({"em": [50, 0], "nll": [0.1, 3.0],
+                                                   "split": ["memorized", "non-memorized"]}))
+    paths = plots.save(fig, tmp_path / "sub" / "fig.png")
+    assert {p.suffix for p in paths} == {".html", ".png"}
+    png = tmp_path / "sub" / "fig.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert png.stat().st_size > 1000
+    assert "plotly" in (tmp_path / "sub" / "fig.html").read_text()[:5000].lower()
+    with pytest.raises(ValueError, match="Figure"):
+        plots.save("not a figure", tmp_path / "x")
+
+
+def test_save_without_a_browser_raises_a_clear_error(tmp_path, monkeypatch):
+    def no_browser(*a, **k):
+        raise FileNotFoundError("chromium not found")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_browser)
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    with pytest.raises(RuntimeError, match="make browser"):
+        plots.save(fig, tmp_path / "f")
+    assert (tmp_path / "f.html").exists()  # the HTML is written first
+    assert plots.save(fig, tmp_path / "g", png=False) == [tmp_path / "g.html"]

@@ -1,0 +1,238 @@
+"""The reproduction pipeline (memloc.reproduce / ``memloc reproduce``).
+
+* On the embedded model, with reduced quick settings: every stage runs, writes its figures
+  (HTML + PNG) and CSV tables, and REPORT.md states findings that agree with the written tables;
+  the model is left exactly as found; a rerun is served from the cache.
+* On a random-weight GPT-Neo with GPT-2's vocabulary (so the bundled GPT-Neo-125M paragraph sets
+  are chosen automatically): nothing is memorized, so the stages that need memorized paragraphs
+  are skipped with a note and the others run.
+* Bad input fails with ValueError before any work; an exception inside a stage leaves the model
+  unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from memloc import cli
+from memloc.reproduce import QUICK, STAGES, Settings, default_paragraphs, reproduce, select_groups
+
+# even smaller than --quick: the test budget is about a minute on 2 cores
+TINY_SETTINGS = dataclasses.replace(
+    QUICK, max_paragraphs=60, n_mp=4, n_nmp=4, n_perturb=1, n_finetune=2, finetune_steps=1,
+    finetune_masks=("top", "random"), inj_n=1, inj_ratios=(0.01,), inj_max_steps=60, del_set_size=4, del_targets=1,
+    del_ratios=(0.1,), methods=("integrated_gradients", "activations", "random"), mask_steps=10, ig_steps=2,
+    n_patching=1)
+HAVE_CHROMIUM = shutil.which("chromium") is not None or shutil.which("google-chrome") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    cache = tmp_path_factory.mktemp("cache")
+    from tests.conftest import assert_same_state, model_state
+
+    before = model_state(tiny)
+    # PNG export (a headless Chromium per figure) is tested once in test_png_export below
+    res = reproduce(tiny, out, settings=TINY_SETTINGS, cache_dir=cache, model_name="tiny", png=False,
+                    progress_bar=False)
+    assert_same_state(tiny, before)
+    return res, out, cache
+
+
+def test_every_stage_runs_and_writes(tiny_run):
+    res, out, _ = tiny_run
+    assert not res.skipped, res.skipped
+    assert set(res.findings) == set(STAGES)
+    for stage in STAGES:
+        files = res.figures.get(stage, [])
+        assert any(p.suffix == ".html" for p in files), stage
+        assert all(p.exists() and p.parent == out for p in files)
+    for name in ("memorization", "perturbation_by_position", "param_gradients_mp_vs_nmp", "contrastive_gradients",
+                 "sparse_finetune", "memorization_heads", "rare_token_correlation", "inj_table2", "del_table3",
+                 "del_confusion", "activation_patching"):
+        assert (out / f"{name}.csv").exists(), name
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason="no Chromium for static export (`make browser` installs it)")
+def test_png_export_and_report_links(tiny, tmp_path, unchanged):
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=20)
+    with unchanged(tiny):
+        res = reproduce(tiny, tmp_path, settings=settings, cache_dir=None, stages=["memorization"],
+                        progress_bar=False)
+    pngs = [p for p in res.figures["memorization"] if p.suffix == ".png"]
+    assert len(pngs) == 2  # split and duplication-count colourings
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{p.stem}]({p.name})" in res.report.read_text()
+
+
+def test_png_failure_falls_back_to_html_with_a_note(tiny, tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+
+    def no_browser(*a, **k):
+        raise FileNotFoundError("chromium not found")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_browser)
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=20)
+    res = reproduce(tiny, tmp_path, settings=settings, cache_dir=None, stages=["memorization"], progress_bar=False)
+    assert [p.suffix for p in res.figures["memorization"]] == [".html", ".html"]
+    report = res.report.read_text()
+    assert "PNG export failed" in report and "make browser" in report
+
+
+def test_report_findings_are_computed_from_the_tables(tiny_run, tiny_paragraphs):
+    res, out, _ = tiny_run
+    report = (out / "REPORT.md").read_text()
+    mem = pd.read_csv(out / "memorization.csv")
+    assert len(mem) == 60
+    # memorization split: the counts in the report are those of the table, and agree with the
+    # embedded set's reference EM (measured when the model was shipped)
+    n_mp = int((mem["split"] == "memorized").sum())
+    n_nmp = int((mem["split"] == "non-memorized").sum())
+    assert f"{n_mp} memorized (EM = 50)" in report and f"{n_nmp} non-memorized (EM <= 10)" in report
+    ref = tiny_paragraphs.table.set_index("id").loc[mem["id"], "em_ref"].to_numpy()
+    assert (mem["em"].to_numpy() == ref).mean() > 0.95
+    assert n_mp > 0 and n_nmp > 0
+    # the memorization head of the report is the best-ranked head of the table
+    heads = pd.read_csv(out / "memorization_heads.csv")
+    head = f"L{int(heads.layer[0])}H{int(heads['head'][0])}"
+    assert res.summary["memorization_head"] == head
+    assert f"memorization head: {head}" in report
+    # the contrastive top component is the largest value of its table
+    c = pd.read_csv(out / "contrastive_gradients.csv").sort_values("value", ascending=False).iloc[0]
+    assert f"top component of the contrastive gradient: L{int(c.layer)} {c.component}" in report
+    # the best INJ method is the one with the largest Recall@r
+    inj = pd.read_csv(out / "inj_table2.csv")
+    top = inj["R@1r"].max()
+    names = res.summary["inj_best"].split(" (")[0].split(" = ")
+    assert set(names) == set(inj.loc[inj["R@1r"].map("{:.0f}".format) == f"{top:.0f}", "method"])
+    assert f"best INJ method (Recall@r, per layer): {res.summary['inj_best']}" in report
+    # every figure is linked from the report
+    for stage in STAGES:
+        for p in res.figures[stage]:
+            assert f"({p.name})" in report, p.name
+    assert set(re.findall(r"^## ", report, re.M)) and "Skipped" not in report
+
+
+def test_rerun_is_served_from_the_cache(tiny, tiny_run, tmp_path, monkeypatch, unchanged):
+    _, out, cache = tiny_run
+    import memloc.contrastive
+    import memloc.metrics
+    import memloc.perturb
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(memloc.metrics, "memorization", boom)
+    monkeypatch.setattr(memloc.perturb, "perturbation_profile", boom)
+    monkeypatch.setattr(memloc.contrastive, "sparse_finetune", boom)
+    with unchanged(tiny):
+        res = reproduce(tiny, tmp_path, settings=TINY_SETTINGS, cache_dir=cache, png=False, progress_bar=False,
+                        stages=["perturbation", "finetune"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "memorization.csv"), pd.read_csv(out / "memorization.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sparse_finetune.csv"),
+                                  pd.read_csv(out / "sparse_finetune.csv"))
+    assert res.skipped["inj"] == "not requested (--stages)"
+
+
+def test_exception_inside_a_stage_leaves_the_model_unchanged(tiny, tmp_path, monkeypatch, unchanged):
+    import memloc.contrastive
+
+    def fail(model, *a, **k):
+        for p in model.parameters():  # mess with the model, then fail
+            p.requires_grad_(False)
+        model.train()
+        raise RuntimeError("stage failed")
+
+    monkeypatch.setattr(memloc.contrastive, "contrastive_gradients", fail)
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=30)
+    with unchanged(tiny):
+        with pytest.raises(RuntimeError, match="stage failed"):
+            reproduce(tiny, tmp_path, settings=settings, cache_dir=None, png=False, progress_bar=False,
+                      stages=["contrastive"])
+
+
+def test_bad_input_fails_before_work(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="stages"):
+        reproduce(tiny, tmp_path / "a", stages=["bogus"])
+    with pytest.raises(ValueError, match="settings"):
+        reproduce(tiny, tmp_path / "b", settings={"n_mp": 3})
+    with pytest.raises(ValueError, match="settings.n_mp"):
+        reproduce(tiny, tmp_path / "c", settings=Settings(n_mp=0))
+    with pytest.raises(ValueError, match="paragraphs"):
+        reproduce(tiny, tmp_path / "d", paragraphs=torch.zeros(2, 100, dtype=torch.long))
+    with pytest.raises(ValueError, match="non_memorized_max_em"):
+        reproduce(tiny, tmp_path / "h", non_memorized_max_em=50)
+    with pytest.raises(ValueError, match="frequencies"):
+        reproduce(tiny, tmp_path / "i", frequencies=torch.ones(10))
+    for d in "acdhi":
+        assert not (tmp_path / d).exists()
+    assert cli.main(["reproduce", "--model", "tiny", "--out", str(tmp_path / "e"), "--max-paragraphs", "0"]) == 2
+    assert cli.main(["reproduce", "--model", "tiny", "--out", str(tmp_path / "f"), "--threads", "0"]) == 2
+    # `memloc demo` runs this pipeline on the embedded model
+    from memloc.commands import demo, reproduce as reproduce_cmd
+
+    args = cli.build_parser().parse_args(["demo", "--quick", "--out", str(tmp_path / "g")])
+    assert args.run is demo.run and args.quick
+    seen = {}
+    monkeypatch.setattr(reproduce_cmd, "run", lambda ns: seen.setdefault("ns", ns) and 0)
+    assert demo.run(args) == 0
+    assert seen["ns"].model == "tiny" and seen["ns"].out == str(tmp_path / "g") and seen["ns"].quick
+
+
+def test_select_groups_and_default_paragraphs(tiny):
+    df = pd.DataFrame({"split": ["memorized", "non-memorized", "partial", "memorized", "non-memorized"]})
+    mp, nmp = select_groups(df, 5, 1)
+    assert mp.tolist() == [0, 3] and nmp.tolist() == [1]
+    ps, max_em, note = default_paragraphs(tiny)
+    assert ps.name == "tiny" and max_em == 10 and len(ps) == 600
+
+
+@pytest.fixture(scope="module")
+def neo_vocab_dir(tmp_path_factory):
+    """A small random GPT-Neo with GPT-2's vocabulary (50257), like GPT-Neo 125M but fast."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from tests.factories import _save
+
+    torch.manual_seed(0)
+    cfg = GPTNeoConfig(vocab_size=50257, max_position_embeddings=128, hidden_size=32, num_layers=2, num_heads=2,
+                       intermediate_size=64, window_size=32, attention_types=[[["global", "local"], 1]])
+    return _save(GPTNeoForCausalLM(cfg), tmp_path_factory.mktemp("neo50257"))
+
+
+def test_random_gpt_neo_vocab_model_degrades_gracefully(neo_vocab_dir, tmp_path, capsys):
+    out = tmp_path / "neo"
+    rc = cli.main(["-q", "reproduce", "--model", str(neo_vocab_dir), "--out", str(out), "--quick", "--no-cache",
+                   "--no-png", "--max-paragraphs", "12", "--batch-size", "16",  # INJ is covered on the tiny model
+                   "--stages", *[st for st in STAGES if st != "inj"]])
+    assert rc == 0
+    report = (out / "REPORT.md").read_text()
+    assert "GPT-Neo-125M paragraph sets" in report and "NMP = measured EM <= 29" in report
+    assert "no paragraph is memorized" in report
+    from memloc.reproduce import _TITLES
+
+    sections = {title: body for title, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", report, re.M | re.S)}
+    printed = capsys.readouterr().out
+    for stage in STAGES:
+        body = sections[_TITLES[stage]]
+        if stage == "inj":
+            assert "*Skipped:* not requested" in body
+        elif stage in ("contrastive", "finetune", "del", "patching"):
+            assert "*Skipped:*" in body and f"[{stage}] skipped" in printed, stage
+        else:
+            assert "**Finding:**" in body and "*Skipped:*" not in body, stage
+    mem = pd.read_csv(out / "memorization.csv")
+    assert len(mem) == 12 and set(mem["set"]) <= {"gpt-neo-125m", "gpt-neo-125m-em30-49", "gpt-neo-125m-em11-29"}
+    assert (mem["split"] != "memorized").all()
+    for name in ("perturbation_by_position", "param_gradients_em_bins", "memorization_heads",
+                 "rare_token_correlation"):
+        assert (out / f"{name}.csv").exists(), name
+    assert (out / "fig7_rare_token_attention.html").exists()
