@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memloc import load_model, load_paragraphs  # noqa: E402
 from memloc.gradients import activation_gradients, parameter_gradients  # noqa: E402
+from memloc.contrastive import contrastive_gradients, sparse_finetune  # noqa: E402
+from memloc.heads import rare_token_attention, unigram_counts_from_tokens  # noqa: E402
 from memloc.perturb import perturbation_profile  # noqa: E402
 
 Analysis = Callable[[Any, torch.Tensor, int], Any]
@@ -47,12 +49,35 @@ def _act_grads(model, tokens, prefix_len):
     return activation_gradients(model, tokens, prefix_len, batch_size=8, progress_bar=False)
 
 
+def _nmps(model, tokens):
+    """A non-memorized batch for the contrastive KL term: the paragraphs rolled by one token id."""
+    return (tokens + 1) % model.cfg.d_vocab
+
+
+def _contrastive_grads(model, tokens, prefix_len):
+    return contrastive_gradients(model, tokens, _nmps(model, tokens), prefix_len, objective="unlearn",
+                                 n_nmp_per_batch=4, progress_bar=False)
+
+
+def _sparse_unlearning(model, tokens, prefix_len):
+    return sparse_finetune(model, tokens, _nmps(model, tokens), prefix_len, objective="unlearn", mask="top",
+                           steps=3, progress_bar=False)
+
+
+def _rare_tokens(model, tokens, prefix_len):
+    freq = unigram_counts_from_tokens(tokens, model.cfg.d_vocab)
+    return rare_token_attention(model, tokens, prefix_len, freq, progress_bar=False)
+
+
 #: (name, callable(model, tokens, prefix_len)) rows; other analyses append theirs here.
 ANALYSES: list[tuple[str, Analysis]] = [
     ("perturbation (50 positions x 1 sample)", _perturbation),
     ("parameter gradients (set, Eq. 1-2)", _param_grads),
     ("parameter gradients (per paragraph)", _param_grads_per_paragraph),
     ("activation gradients (Eq. 5)", _act_grads),
+    ("contrastive gradients (CO unlearn, Eq. 3)", _contrastive_grads),
+    ("sparse unlearning (top 0.1%, 3 steps + EM)", _sparse_unlearning),
+    ("rare-token attention (Fig. 7)", _rare_tokens),
 ]
 
 
