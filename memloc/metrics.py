@@ -213,7 +213,7 @@ def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, 
         df["lev_tf"] = char_distances(model, tf["argmax"], target).numpy()
         df["lev_greedy"] = char_distances(model, gen, target).numpy()
     if counts is not None:
-        df["count"] = np.asarray(torch.as_tensor(counts).cpu())
+        df["count"] = counts.cpu().numpy() if isinstance(counts, Tensor) else np.array(counts)
     return df
 
 
