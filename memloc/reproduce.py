@@ -119,7 +119,7 @@ class Settings:
         return kw
 
 
-#: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 21 min 45 s wall clock
+#: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 12 min 47 s on an idle machine via `make demo`; 21 min 45 s wall clock
 #: on a machine shared with other jobs, 12 min of CPU time); INJ and DEL take about half of it.
 DEFAULT = Settings()
 #: ``--quick``: every stage, small sizes (measured 2 min 55 s on 2 CPU cores for the embedded model).
