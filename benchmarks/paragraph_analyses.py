@@ -56,7 +56,7 @@ def _nmps(model, tokens):
 
 def _contrastive_grads(model, tokens, prefix_len):
     return contrastive_gradients(model, tokens, _nmps(model, tokens), prefix_len, objective="unlearn",
-                                 n_nmp_per_batch=4, progress_bar=False)
+                                 n_nmp_per_batch=min(4, len(tokens)), progress_bar=False)
 
 
 def _sparse_unlearning(model, tokens, prefix_len):
