@@ -28,7 +28,8 @@ from torch import Tensor
 from ._checks import check_choice
 
 __all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts",
-           "random_sequences", "PARAGRAPH_SETS"]
+           "random_sequences", "tuned_hyperparameters", "tuning_dev_ids",
+           "PARAGRAPH_SETS"]
 
 _ASSETS = Path(str(resources.files("memloc") / "assets"))
 PARAGRAPH_SETS = ("tiny", "gpt-neo-125m", "gpt-neo-125m-em30-49", "gpt-neo-125m-em11-29",
@@ -132,6 +133,34 @@ def random_sequences(name: str = "tiny") -> Int[Tensor, "n seq"]:
     if "random_sequences" not in files:
         raise ValueError("this build of the embedded model has no random_sequences")
     return _validate(files["random_sequences"].long(), name)
+
+
+def _tuning_record(name: str) -> tuple[Path, dict]:
+    check_choice(name, "name", ("tiny",))
+    path = _ASSETS / name / "hyperparameters.json"
+    return path, json.loads(path.read_text())
+
+
+def tuned_hyperparameters(name: str = "tiny") -> dict[str, dict]:
+    """The embedded model's dev-set-selected localization hyperparameters (Chang et al. A.7),
+    ``{method: {kwarg: value}}``, written by ``scripts/tune_tiny.py`` with
+    :func:`memloc.benchmarks.tune_del`.  ``memloc reproduce`` and ``memloc bench`` use them on
+    the embedded model; other models: run ``tune_del`` on a dev set of their own."""
+    path, data = _tuning_record(name)
+    methods = data.get("methods")
+    if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
+        raise ValueError(f"{path} has no 'methods' table {{method: {{kwarg: value}}}}")
+    return {m: dict(kw) for m, kw in methods.items()}
+
+
+def tuning_dev_ids(name: str = "tiny") -> list[int]:
+    """Paragraph ids (``load_paragraphs(name).table["id"]``) of the dev set on which
+    :func:`tuned_hyperparameters` were selected; evaluations leave them out (Chang et al. A.7)."""
+    path, data = _tuning_record(name)
+    ids = data.get("dev_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{path} has no 'dev_ids' list of paragraph ids")
+    return list(ids)
 
 
 def load_ecbd(which: str = "2021") -> list[str]:

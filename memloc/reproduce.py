@@ -78,7 +78,8 @@ class Settings:
         inj_n, inj_ratios, inj_max_steps: INJ sequences, injection ratios and step cap.
         del_set_size, del_targets, del_ratios: DEL memorized set, targets and dropout ratios.
         methods: localization methods of INJ and DEL.
-        mask_steps: step cap of the SLIMMING / HARD CONCRETE mask training.
+        mask_steps: step cap of the SLIMMING / HARD CONCRETE mask training (None: the tuned
+            model's value, see ``tuned_hyperparameters``, else 200).
         ig_steps: integrated-gradients steps.
         n_patching: PMPs patched.
         batch_size: batch size of the forward passes.
@@ -102,16 +103,21 @@ class Settings:
     del_ratios: tuple[float, ...] = (0.005, 0.02, 0.1)
     methods: tuple[str, ...] = ("hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations",
                                 "random")
-    mask_steps: int = 200
+    mask_steps: int | None = None
     ig_steps: int = 16
     n_patching: int = 16
     batch_size: int = 64
 
-    def method_kwargs(self) -> dict[str, dict]:
+    def method_kwargs(self, tuned: dict[str, dict] | None = None) -> dict[str, dict]:
+        """Per-method hyperparameters of INJ and DEL: ``tuned`` (the model's dev-set selection,
+        Chang et al. A.7, e.g. :func:`memloc.data.tuned_hyperparameters`) under these sizes."""
+        tuned = tuned or {}
         kw: dict[str, dict] = {}
         for m in self.methods:
             if m in ("hard_concrete", "slimming"):
-                kw[m] = {"max_steps": self.mask_steps, "progress_bar": False}
+                kw[m] = {"max_steps": 200, **tuned.get(m, {}), "progress_bar": False}
+                if self.mask_steps is not None:
+                    kw[m]["max_steps"] = self.mask_steps
             elif m in ("integrated_gradients", "ig"):
                 kw[m] = {"steps": self.ig_steps, "progress_bar": False}
             elif m == "zero_out":
@@ -257,6 +263,7 @@ class _Run:
         self.model, self.out, self.s, self.cache, self.png = model, out, settings, cache, png
         self.pb, self.r, self.score_cache = progress_bar, result, score_cache
         self.png_error: str | None = None
+        self.tuned: dict[str, dict] = {}
 
     # output helpers
     def fig(self, stage: str, fig: Any, name: str) -> None:
@@ -596,7 +603,7 @@ def _stage_inj(run: _Run) -> None:
     from .plots import inj_recall_bars
 
     s = run.s
-    kwargs = s.method_kwargs()
+    kwargs = s.method_kwargs(run.tuned)
     df = run.cache.get("inj", _hash(list(s.methods), kwargs, s.inj_n, list(s.inj_ratios), s.inj_max_steps),
                        lambda: inj_benchmark(run.model, list(s.methods), n=s.inj_n, ratios=list(s.inj_ratios),
                                              method_kwargs=kwargs, max_steps=s.inj_max_steps,
@@ -621,7 +628,7 @@ def _stage_del(run: _Run, tokens: Tensor, prefix_len: int, ids: list) -> None:
     from .plots import del_confusion_heatmap, del_table_figure
 
     s = run.s
-    kwargs = s.method_kwargs()
+    kwargs = s.method_kwargs(run.tuned)
     random_tokens = None
     if int(run.model.cfg.d_vocab) == 4096:
         from .data import random_sequences
@@ -806,6 +813,16 @@ def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = Fals
         cache = _Cache(cache_dir, model_fingerprint(model) if cache_dir is not None else "")
         score_cache = Path(cache_dir) / "scores" if cache_dir is not None else None
         run = _Run(model, out, settings, cache, png, progress_bar, result, score_cache)
+        dev_ids: list[int] = []
+        if int(model.cfg.d_vocab) == 4096 and paragraphs.tokenizer == "tiny" and ({"inj", "del"} & set(stages)):
+            from .data import tuned_hyperparameters, tuning_dev_ids
+
+            run.tuned, dev_ids = tuned_hyperparameters("tiny"), tuning_dev_ids("tiny")
+            notes.append("SLIMMING / HARD CONCRETE hyperparameters: the embedded model's dev-set selection "
+                         "(Chang et al. A.7, scripts/tune_tiny.py): " + "; ".join(
+                             f"{m} " + ", ".join(f"{k}={v:g}" for k, v in kw.items() if k != "max_steps")
+                             for m, kw in run.tuned.items())
+                         + f"; the {len(dev_ids)} dev paragraphs are left out of the DEL set")
 
         def timed(stage: str, fn: Callable[[], Any]) -> Any:
             t0 = time.perf_counter()
@@ -885,7 +902,8 @@ def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = Fals
             else:
                 timed("inj", lambda: _stage_inj(run))
         if "del" in stages:
-            full = mem.index[mem["split"] == "memorized"].to_numpy()
+            # the dev paragraphs the hyperparameters were selected on are not evaluated (A.7)
+            full = mem.index[(mem["split"] == "memorized") & ~mem["id"].isin(dev_ids)].to_numpy()
             if len(full) < 2:
                 skip("del", f"needs at least 2 memorized paragraphs, found {len(full)}")
             else:

@@ -218,6 +218,26 @@ plots.del_table_figure(res).show()
 plots.del_confusion_heatmap(res.matrices[("activations", 0.02)]).show()
 del_table(res)'''),
         md("""
+## Hyperparameters of the mask methods (Chang A.7)
+
+SLIMMING and HARD CONCRETE learn a mask with a sparsity penalty λ averaged over all masked neurons,
+so a λ that suits a 48-layer model overwhelms a 4-layer one. The paper tunes them per model on 5
+dev sequences; `tune_del` does that with the DEL criterion, and the embedded model ships its
+selection. In DEL the masks are trained above the bottom layer (`start_layer=1`), which is never
+dropped.
+"""),
+        code('''from memloc.data import tuned_hyperparameters
+
+tuned = tuned_hyperparameters() if MODEL == "tiny" else {}
+print(tuned)
+kw = {**tuned.get("slimming", {}), "progress_bar": False}
+if QUICK:
+    kw["max_steps"] = 40
+scores = METHODS["slimming"](model, x, prefix_len, start_layer=1, **kw)
+with ablate(model, select_top_k(scores, 0.1, exclude_layers=[0])):
+    print("accuracy after dropping SLIMMING's top 10% per layer:",
+          float(memloc.teacher_forced_accuracy(model, x, prefix_len)[0]))'''),
+        md("""
 `memloc reproduce` (and `memloc bench inj|del`) run all five methods; see `figures/REPORT.md`
 for the full tables on the embedded model.
 """),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from memloc.benchmarks import (del_benchmark, del_table, ffn_value_vectors, inj_benchmark, inj_table, injected,
                                injection_loss, localize_cached, model_fingerprint, recall_at_k, resolve_methods,
-                               sample_injection_mask, score_cache_path, with_sequence_seed)
+                               sample_injection_mask, score_cache_path, with_defaults, with_sequence_seed)
 from memloc.data import load_ecbd, random_sequences, tokenize_texts
 from memloc.models import load_model, neuron_hook_name
 
@@ -465,6 +465,29 @@ def test_del_exclude_layers_and_mean_mode(tiny, memorized, unchanged):
     assert res_mean.rows["n_dropped"].tolist() == [3]
 
 
+def test_del_trains_masks_above_the_excluded_layers(tiny, memorized, unchanged):
+    """Mask methods get start_layer = the first non-excluded layer (the authors' DEL setting)
+    unless the caller sets it; methods without the keyword get nothing extra."""
+    tokens, prefix_len, _ = memorized
+    seen = []
+
+    def masked(model, tokens, prefix_len, *, start_layer=0, seed=0):
+        seen.append((start_layer, seed))
+        return torch.rand(model.cfg.n_layers, model.cfg.d_mlp, generator=torch.Generator().manual_seed(seed))
+
+    def plain(model, tokens, prefix_len):
+        return torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
+
+    rand = random_sequences("tiny")[:2]
+    kw = dict(targets=[1], ratios=(0.001,), random_tokens=rand, progress_bar=False)
+    with unchanged(tiny):
+        del_benchmark(tiny, {"m": masked, "p": plain}, tokens[:3], prefix_len, **kw)
+        del_benchmark(tiny, {"m": masked}, tokens[:3], prefix_len, exclude_layers=(1, 0), **kw)
+        del_benchmark(tiny, {"m": masked}, tokens[:3], prefix_len, exclude_layers=(2,), **kw)
+        del_benchmark(tiny, {"m": masked}, tokens[:3], prefix_len, method_kwargs={"m": {"start_layer": 3}}, **kw)
+    assert seen == [(1, 1), (2, 1), (0, 1), (3, 1)]
+
+
 def test_del_restores_model_when_a_method_fails(tiny, memorized, unchanged):
     tokens, prefix_len, _ = memorized
     n = []
@@ -516,6 +539,7 @@ def test_with_sequence_seed():
     assert with_sequence_seed(seeded, {"steps": 2}, 7) == {"steps": 2, "seed": 7}
     assert with_sequence_seed(seeded, {"seed": 1}, 7) == {"seed": 1}
     assert with_sequence_seed(unseeded, {}, 7) == {}
+    assert with_defaults(seeded, {"seed": 1}, seed=7, steps=5, lam=2.0) == {"seed": 1, "steps": 5}
 
 
 # ----------------------------------------------------------------------------- figures

@@ -77,3 +77,37 @@ def test_cli_memorization(tmp_path, monkeypatch):
     s = res["summary"]
     assert s["memorized"] + s["non_memorized"] + s["partial"] == 12
     assert cmd  # module importable
+
+
+def test_tuned_hyperparameters_are_the_dev_grid_minimum(tiny_paragraphs):
+    import inspect
+    import json
+
+    from memloc import localize
+    from memloc.reproduce import Settings
+
+    tuned = data.tuned_hyperparameters("tiny")
+    assert set(tuned) == {"slimming", "hard_concrete"}
+    raw = json.loads((data._ASSETS / "tiny" / "hyperparameters.json").read_text())
+    for method, kwargs in tuned.items():
+        # every stored kwarg is a real argument of the method
+        params = inspect.signature(getattr(localize, method)).parameters
+        assert set(kwargs) <= set(params), (method, kwargs)
+        # the selection is the grid point with the lowest mean ΔSelf-Acc (Chang A.7)
+        grid = raw["grid"][method]
+        best = min(grid, key=lambda row: row["rank"])
+        assert best["d_self_acc"] == min(row["d_self_acc"] for row in grid) < 0
+        assert all(abs(best[k] - v) < 1e-5 for k, v in kwargs.items())
+    # the dev paragraphs are memorized paragraphs of the embedded set (reproduce leaves them out
+    # of its DEL set: tests/test_reproduce.py)
+    table = tiny_paragraphs.table
+    assert data.tuning_dev_ids("tiny") == raw["dev_ids"]
+    assert set(raw["dev_ids"]) <= set(table.loc[table["em_ref"] == 50, "id"])
+    # reproduce's settings take the tuned values, and an explicit step cap overrides the tuned one
+    kw = Settings().method_kwargs(tuned)
+    assert kw["hard_concrete"]["lam"] == tuned["hard_concrete"]["lam"]
+    assert kw["hard_concrete"]["max_steps"] == tuned["hard_concrete"]["max_steps"]
+    assert Settings(mask_steps=7).method_kwargs(tuned)["slimming"]["max_steps"] == 7
+    assert Settings().method_kwargs()["slimming"] == {"max_steps": 200, "progress_bar": False}
+    with pytest.raises(ValueError, match="name"):
+        data.tuned_hyperparameters("gpt-neo-125m")

@@ -236,3 +236,22 @@ def test_random_gpt_neo_vocab_model_degrades_gracefully(neo_vocab_dir, tmp_path,
                  "rare_token_correlation"):
         assert (out / f"{name}.csv").exists(), name
     assert (out / "fig7_rare_token_attention.html").exists()
+
+
+def test_del_leaves_out_the_tuning_dev_set(tiny, tmp_path, monkeypatch):
+    # on the embedded model INJ/DEL use the dev-selected mask hyperparameters (Chang A.7) and the
+    # DEL set must not contain the dev paragraphs they were selected on
+    import memloc.data
+
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=60, del_set_size=100,
+                                   methods=("activations", "random"))
+    first = reproduce(tiny, tmp_path / "a", settings=settings, cache_dir=None, png=False, progress_bar=False,
+                      stages=["memorization", "del"])
+    ids = set(pd.read_csv(tmp_path / "a" / "del_confusion.csv")["seq_id"])
+    assert len(ids) >= 4
+    assert "dev-set selection" in first.report.read_text()
+    dev = sorted(ids)[:2]
+    monkeypatch.setattr(memloc.data, "tuning_dev_ids", lambda name="tiny": dev)
+    reproduce(tiny, tmp_path / "b", settings=settings, cache_dir=None, png=False, progress_bar=False,
+              stages=["memorization", "del"])
+    assert set(pd.read_csv(tmp_path / "b" / "del_confusion.csv")["seq_id"]) == ids - set(dev)

@@ -23,7 +23,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = ["resolve_methods", "check_method_kwargs", "model_fingerprint", "localize_cached", "score_cache_path",
-           "with_sequence_seed"]
+           "with_sequence_seed", "with_defaults"]
 
 #: The paper's method order (Chang et al. Tables 2 and 3), used when sorting tables.
 PAPER_ORDER = ("hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations",
@@ -85,6 +85,21 @@ def check_method_kwargs(method_kwargs: Mapping[str, Mapping] | None, methods: Ma
     return out
 
 
+def with_defaults(fn: Callable, kwargs: Mapping, **defaults: Any) -> dict:
+    """``kwargs`` plus each of ``defaults`` that ``fn`` accepts as a keyword and ``kwargs`` does
+    not set (an explicit value in ``kwargs`` always wins)."""
+    out = dict(kwargs)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return out
+    for key, value in defaults.items():
+        if key not in out and key in params and params[key].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            out[key] = value
+    return out
+
+
 def with_sequence_seed(fn: Callable, kwargs: Mapping, index: int) -> dict:
     """``kwargs`` plus ``seed=index`` if ``fn`` takes a ``seed`` keyword and ``kwargs`` sets none.
 
@@ -93,17 +108,7 @@ def with_sequence_seed(fn: Callable, kwargs: Mapping, index: int) -> dict:
     reproducible per sequence; an explicit ``seed`` in ``method_kwargs`` is used for every
     sequence instead.
     """
-    out = dict(kwargs)
-    if "seed" in out:
-        return out
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return out
-    if "seed" in params and params["seed"].kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        out["seed"] = int(index)
-    return out
+    return with_defaults(fn, kwargs, seed=int(index))
 
 
 def _tensor_bytes(t: Tensor):

@@ -31,8 +31,7 @@ from .._progress import progress
 from ..ablation import ablate, mean_activations, select_top_k
 from ..borrow import borrowed
 from ..metrics import char_distances, perplexity, teacher_forced
-from ._scores import (PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods,
-                      with_sequence_seed)
+from ._scores import PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods, with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,10 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         methods: ``{name: fn}`` localization methods or names in ``memloc.localize.METHODS``;
             each is called as ``fn(model, x [1, seq], prefix_len, **method_kwargs[name])``; a method
             with a ``seed`` keyword that ``method_kwargs`` does not set gets ``seed`` = the target's
-            row index (RANDOM draws a fresh neuron set per target).
+            row index (RANDOM draws a fresh neuron set per target), and a method with a
+            ``start_layer`` keyword (SLIMMING, HARD CONCRETE) gets the first layer above the
+            excluded bottom layers, so the masks are trained only where neurons can be dropped
+            (the authors' DEL setting, A.8).
         tokens: the memorized set X [n, seq]; default: the embedded model's fully memorized
             paragraphs (:func:`memorized_set`, prefix 50 / suffix 50), the first ``set_size``
             of them if given.
@@ -248,10 +250,14 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         rows = []
         d_acc: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
         d_dist: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
+        start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
+        while start_layer in exclude_layers:
+            start_layer += 1
         jobs = [(name, t) for name in fns for t in targets]
         for name, t in progress(jobs, enabled=progress_bar, desc="DEL", total=len(jobs)):
             scores = localize_cached(model, name, fns[name], tokens[t:t + 1], prefix_len,
-                                     with_sequence_seed(fns[name], kwargs[name], t), cache_dir=cache_dir,
+                                     with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer),
+                                     cache_dir=cache_dir,
                                      fingerprint=fingerprint)
             for r in ratios:
                 if r == 0:

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                         "(default 0.005 0.05 0.1)")
     p.add_argument("--method-kwargs", default=None,
                    help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"steps": 200}}\'')
+    p.add_argument("--authors-defaults", action="store_true",
+                   help="on the embedded model, use the authors' released SLIMMING / HARD CONCRETE settings instead "
+                        "of the model's dev-set selection (memloc.data.tuned_hyperparameters)")
     p.add_argument("--json", default=None, help="write the tidy rows (and the table) to this JSON file")
     p.add_argument("--cache-dir", default=None, help="cache attribution scores in this directory")
     p.add_argument("--max-steps", type=int, default=500, help="INJ: step cap of the injection fine-tuning")
@@ -72,6 +75,15 @@ def run(args) -> int:
     if args.n is not None and args.n <= 0:
         raise ValueError(f"--n must be a positive int, got {args.n}")
     model = load_model(args.model, device=args.device)
+    if args.model in (None, "tiny") and not args.authors_defaults:
+        from ..data import tuned_hyperparameters
+
+        tuned = {m: kw for m, kw in tuned_hyperparameters("tiny").items() if m in methods}
+        user = kwargs or {}
+        kwargs = {**user, **{m: {**kw, **(user.get(m) or {})} for m, kw in tuned.items()}}
+        if tuned:
+            print("dev-set-selected hyperparameters (Chang et al. A.7): "
+                  + "; ".join(f"{m} {kw}" for m, kw in kwargs.items() if m in tuned))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.2f}".format):
         if args.benchmark == "inj":
             ratios = args.ratio or list(DEFAULT_INJ_RATIOS)
