@@ -110,9 +110,11 @@ def tune_del(model: Any, method: str | Mapping[str, Callable], grid: Mapping[str
     rows = []
     for point in progress(points, enabled=progress_bar, desc=f"tune {name}"):
         t0 = time.perf_counter()
-        res = del_benchmark(model, {name: fn}, tokens, prefix_len, ratios=[ratio],
-                            method_kwargs={name: with_defaults(fn, {**base, **point}, progress_bar=False)}, exclude_layers=exclude_layers,
-                            random_tokens=random_tokens, n_random=8, batch_size=batch_size, progress_bar=False)
+        kwargs = with_defaults(fn, {**base, **point}, progress_bar=False)
+        # ΔRand-PPL does not enter the selection: 8 random sequences keep each point cheap
+        res = del_benchmark(model, {name: fn}, tokens, prefix_len, ratios=[ratio], method_kwargs={name: kwargs},
+                            exclude_layers=exclude_layers, random_tokens=random_tokens, n_random=8,
+                            batch_size=batch_size, progress_bar=False)
         rows.append({**point, "d_self_acc": float(res.rows["d_self_acc"].mean()),
                      "d_neg_acc": float(res.rows["d_neg_acc"].mean()), "seconds": time.perf_counter() - t0})
     table = pd.DataFrame(rows)
