@@ -442,6 +442,17 @@ def test_memorized_set_is_full_exact_match(tiny, tiny_paragraphs):
         memorized_set(tiny, "tiny", min_em=51)
 
 
+def test_default_del_set_leaves_out_the_dev_paragraphs(tiny, tiny_paragraphs):
+    # Chang A.7: the 5 dev sequences tune the hyperparameters, the rest is the test set
+    ref = tiny_paragraphs.table
+    mem = ref.loc[ref["em_ref"] >= 50, "id"].tolist()
+    dev = tuning_dev_ids("tiny")
+    assert set(dev) <= set(mem)
+    res = del_benchmark(tiny, {"random": _random_method}, n_targets=1, ratios=(0.0,), n_random=2,
+                        progress_bar=False)
+    assert list(res.ids) == [i for i in mem if i not in dev]
+
+
 def test_del_exclude_layers_and_mean_mode(tiny, memorized, unchanged):
     tokens, prefix_len, ids = memorized
 

@@ -166,8 +166,8 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
             excluded bottom layers, so the masks are trained only where neurons can be dropped
             (the authors' DEL setting, A.8).
         tokens: the memorized set X [n, seq]; default: the embedded model's fully memorized
-            paragraphs (:func:`memorized_set`, prefix 50 / suffix 50), the first ``set_size``
-            of them if given.
+            paragraphs (:func:`memorized_set`, prefix 50 / suffix 50) except the dev paragraphs
+            of :func:`memloc.data.tuning_dev_ids`, the first ``set_size`` of them if given.
         prefix_len: prefix length p (default 50 with the default set; required with ``tokens``).
         ids: labels of the rows of ``tokens`` (default 0..n-1, or the paragraph ids).
         targets: row indices of X used as targets (default: every row); the negatives of a
@@ -207,7 +207,14 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
             raise ValueError("prefix_len is only used together with tokens")
         if set_size is not None:
             check_positive_int(set_size, "set_size")
-        tokens, prefix_len, table = memorized_set(model, "tiny", batch_size=batch_size, n=set_size)
+        from ..data import tuning_dev_ids
+
+        # the dev paragraphs the mask hyperparameters were selected on are not test data (A.7)
+        dev = tuning_dev_ids("tiny")
+        tokens, prefix_len, table = memorized_set(model, "tiny", batch_size=batch_size,
+                                                  n=None if set_size is None else set_size + len(dev))
+        keep = np.flatnonzero(~table["id"].isin(dev).to_numpy())[:set_size]
+        tokens, table = tokens[torch.as_tensor(keep, device=tokens.device)], table.iloc[keep]
         logger.info("DEL: %d memorized paragraphs of the embedded model form the set X", len(tokens))
         if ids is None:
             ids = table["id"].tolist()
