@@ -125,10 +125,11 @@ class Settings:
         return kw
 
 
-#: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 12 min 47 s on an idle machine via `make demo`; 21 min 45 s wall clock
-#: on a machine shared with other jobs, 12 min of CPU time); INJ and DEL take about half of it.
+#: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 12 min 34 s on an idle
+#: machine via `make demo`; 21 min 45 s wall clock on a machine shared with other jobs); INJ and DEL take about a
+#: third of it.
 DEFAULT = Settings()
-#: ``--quick``: every stage, small sizes (measured 2 min 55 s on 2 CPU cores for the embedded model).
+#: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
 QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4, finetune_steps=3,
                  inj_n=1, inj_ratios=(0.01,), inj_max_steps=150, del_set_size=8, del_targets=2,
                  del_ratios=(0.02, 0.1), mask_steps=40, ig_steps=4, n_patching=4)
