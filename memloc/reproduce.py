@@ -126,8 +126,8 @@ class Settings:
 
 
 #: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 12 min 34 s on an idle
-#: machine via `make demo`; 21 min 45 s wall clock on a machine shared with other jobs); INJ and DEL take about a
-#: third of it.
+#: machine via `make demo`; 21 min 45 s wall clock on a machine shared with other jobs); INJ and DEL take about
+#: half of it.
 DEFAULT = Settings()
 #: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
 QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4, finetune_steps=3,
