@@ -1,8 +1,9 @@
 """Select the SLIMMING and HARD CONCRETE hyperparameters of the embedded model on a dev set
 (Chang et al. A.7), and write them to ``memloc/assets/tiny/hyperparameters.json``.
 
-The dev set is the last ``--n-dev`` fully memorized paragraphs of the embedded set (by id), so
-it is disjoint from the DEL set of ``memloc reproduce`` (the first 40).  Every grid point runs
+The dev set is the last ``--n-dev`` fully memorized paragraphs of the embedded set (by id); their
+ids are stored with the selection, and ``memloc reproduce`` and ``del_benchmark``'s default set
+leave them out (``memloc.data.tuning_dev_ids``).  Every grid point runs
 the DEL criterion (mean ΔSelf-Acc at ``--ratio`` of the neurons per layer, bottom layer
 excluded) with :func:`memloc.benchmarks.tune_del`.  The step caps tried are bounded by the time
 budget of ``memloc reproduce``.  Takes about 20 minutes on 2 CPU cores.

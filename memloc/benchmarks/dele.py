@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .._checks import check_choice, check_positive_int, check_prefix_len, check_tokens
+from .._checks import check_choice, check_positive_int, check_tokens
 from .._progress import progress
 from ..ablation import ablate, mean_activations, select_top_k
 from ..borrow import borrowed
@@ -223,7 +223,6 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
     elif set_size is not None:
         raise ValueError("set_size only applies to the default set; slice tokens yourself")
     tokens = check_tokens(model, tokens, prefix_len)
-    check_prefix_len(prefix_len, tokens.shape[1])
     n = len(tokens)
     if n < 2:
         raise ValueError(f"tokens must hold at least 2 sequences (a target and its negatives), got {n}")

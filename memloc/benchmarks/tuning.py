@@ -26,7 +26,7 @@ import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
-from .._checks import check_prefix_len, check_tokens
+from .._checks import check_tokens
 from .._progress import progress
 from ._scores import resolve_methods, with_defaults
 from .dele import del_benchmark
@@ -104,7 +104,6 @@ def tune_del(model: Any, method: str | Mapping[str, Callable], grid: Mapping[str
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
     tokens = check_tokens(model, tokens, prefix_len)
-    check_prefix_len(prefix_len, tokens.shape[1])
     if len(tokens) < 2:
         raise ValueError(f"tokens must hold at least 2 dev sequences, got {len(tokens)}")
     rows = []
