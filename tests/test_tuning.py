@@ -62,6 +62,7 @@ def test_tune_del_bad_input(tiny, dev, unchanged):
         (dict(grid={"start": [0]}, base_kwargs={"start": 1}), "both set"),
         (dict(grid={"start": [0]}, ratio=0.0), "ratio"),
         (dict(grid={"start": [0]}, tokens=tokens[:1]), "at least 2"),
+        (dict(grid={"start": [0]}, prefix_len=tokens.shape[1]), "prefix_len"),
     ]
     with unchanged(tiny):
         for extra, match in cases:
@@ -71,3 +72,17 @@ def test_tune_del_bad_input(tiny, dev, unchanged):
                 tune_del(tiny, {"block": block}, progress_bar=False, **kw)
         with pytest.raises(ValueError, match="exactly one"):
             tune_del(tiny, {"a": block, "b": block}, {"start": [0]}, tokens, p, progress_bar=False)
+
+
+def test_tune_del_restores_the_model_when_a_method_fails(tiny, dev, unchanged):
+    tokens, p = dev
+
+    def failing(model, tokens, prefix_len, *, start=0):
+        model.train()
+        next(model.parameters()).requires_grad_(False)
+        model.blocks[0].mlp.hook_post.add_hook(lambda act, hook: act)
+        raise RuntimeError("method failed")
+
+    with unchanged(tiny):
+        with pytest.raises(RuntimeError, match="method failed"):
+            tune_del(tiny, {"failing": failing}, {"start": [0, 1]}, tokens, p, progress_bar=False)
