@@ -49,7 +49,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     from transformer_lens.model_bridge import TransformerBridge
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, torch.float16 or "
+                         f"torch.float64), got {dtype!r}")
     device = str(device) if device is not None else "cpu"
     if name_or_path in TINY_NAMES:
         path = tiny_model_dir()

@@ -1,8 +1,9 @@
-"""Tests of the neuron-localization methods (Chang et al. §4) against slow references
-(tests/reference_localize.py), hand computations and the embedded model."""
+"""Tests of the neuron-localization methods (Chang et al. §4) against the papers' slow loops
+(memloc.localize.reference), hand computations and the embedded model."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -14,8 +15,8 @@ from memloc import load_model
 from memloc.localize import METHODS
 from memloc.models import neuron_hook_name
 
-from .reference_localize import (reference_attribution_patching, reference_integrated_gradients,
-                                 reference_zero_out)
+from memloc.localize.reference import (reference_attribution_patching, reference_integrated_gradients,
+                                       reference_loss, reference_zero_out)
 
 FAST = {"progress_bar": False}
 
@@ -107,12 +108,14 @@ def test_ig_prefix_len_one(small_models):
     assert ((fast.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-def _spy(monkeypatch, name):
-    """Count the calls of a private IG implementation while still running it."""
-    import sys
+def _spy(monkeypatch, module):
+    """Count the calls of an IG path's ``gradients`` (module ``_ig_direct`` / ``_ig_kv_cache``) while
+    still running it."""
+    import importlib
 
-    ig_mod = sys.modules["memloc.localize.integrated_gradients"]  # the package attribute is the function
+    ig_mod = importlib.import_module(f"memloc.localize.{module}")
     calls = []
+    name = "gradients"
     real = getattr(ig_mod, name)
 
     def spy(*a, **k):
@@ -159,9 +162,9 @@ def test_ig_direct_matches_reference_tiny(tiny, memorized, unchanged):
     assert ((got - want).abs().max() / want.abs().max()) < 1e-4
 
 
-def test_ig_direct_falls_back_under_hooks(small_models, unchanged, monkeypatch):
+def test_ig_direct_falls_back_under_hooks(small_models, unchanged, monkeypatch, caplog):
     """With a user hook active the direct pass (which does not run hooks) no longer reproduces the model:
-    'auto' falls back to a path through the hooked forward, explicit 'direct' refuses."""
+    'auto' falls back to a path through the hooked forward with a WARNING, explicit 'direct' refuses."""
     m = small_models["gpt-neo"]
     x = _tokens(m, 30, seed=5)
     direct_calls = _spy(monkeypatch, "_ig_direct")
@@ -173,11 +176,15 @@ def test_ig_direct_falls_back_under_hooks(small_models, unchanged, monkeypatch):
 
     with m.hooks(fwd_hooks=[("blocks.0.hook_resid_post", shift)]):
         with unchanged(m):
-            auto = loc.integrated_gradients(m, x, 25, steps=4, **FAST)
+            with caplog.at_level(logging.INFO, logger="memloc.localize"):
+                auto = loc.integrated_gradients(m, x, 25, steps=4, **FAST)
             with pytest.raises(RuntimeError, match="direct"):
                 loc.integrated_gradients(m, x, 25, steps=4, implementation="direct", **FAST)
         ref = reference_integrated_gradients(m, x, 25, steps=4)
     assert not direct_calls
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "kv_cache" in warnings[0] and "slower" in warnings[0]
+    assert [r.memloc_path for r in caplog.records if hasattr(r, "memloc_path")] == ["kv_cache"]
     assert ((auto.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
@@ -225,8 +232,6 @@ def test_attribution_patching_hand_case(random_model_dir):
     ap = loc.attribution_patching(m, x, 8)
     assert ap.dtype == torch.float32
     l, i, eps = 0, 3, 1e-6
-    from .reference_localize import reference_loss
-
     def hook(act, hook):
         act = act.clone()
         act[..., i] = act[..., i] * (1 - eps)
@@ -392,11 +397,11 @@ def test_bad_hyperparameters(small_models, name, kw, match):
 # ---------------------------------------------------------------- restored on exceptions
 @pytest.mark.parametrize("name,target,kw", [
     ("zero_out", "memloc.localize.zero_out:run_blocks_from", FAST),
-    ("integrated_gradients", "memloc.localize.integrated_gradients:_padded_cache",
+    ("integrated_gradients", "memloc.localize._ig_kv_cache:padded_cache",
      dict(implementation="kv_cache", steps=3, **FAST)),
     ("integrated_gradients", "memloc.localize.integrated_gradients:riemann_alphas",
      dict(implementation="full", steps=3, **FAST)),
-    ("integrated_gradients", "memloc.localize.integrated_gradients:_ig_direct",
+    ("integrated_gradients", "memloc.localize._ig_direct:gradients",
      dict(implementation="direct", steps=3, **FAST)),
     ("slimming", "memloc.localize._masks:memorization_loss", FAST),
     ("hard_concrete", "memloc.localize._masks:memorization_loss", FAST),

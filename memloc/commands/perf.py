@@ -1,33 +1,38 @@
 """``memloc perf``: speed and exactness of the localization methods against the papers' loops
-(runs benchmarks/perf.py of the source checkout, which also holds the reference implementations)."""
+(:mod:`memloc.perf`; the loops are :mod:`memloc.localize.reference`), in one or more dtypes."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
+import argparse
+
+from . import write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..perf import DTYPES, MODELS
+
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--quick", action="store_true", help="smaller subsets (a few minutes on 2 CPU cores)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32",
+                   help=f"comma-separated model dtypes among {','.join(DTYPES)}; float32 always runs as the "
+                        "baseline, other dtypes get speedup_over_fp32 and spearman_vs_fp32 columns")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("perf", help="benchmark ZERO-OUT, IG, SLIMMING, HARD CONCRETE and attribution patching "
-                                    "against the reference loops")
-    p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    p.add_argument("--models", default="tiny,gpt-neo-125m-random",
-                   help="comma-separated subset of tiny,gpt-neo-125m-random")
-    p.add_argument("--quick", action="store_true", help="smaller subsets (a few minutes on 2 CPU cores)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+                                    "against the reference loops (optionally in bfloat16/float16)")
+    add_arguments(p)
     p.set_defaults(run=run)
 
 
-def _benchmark_module():
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "perf.py").exists() or not (root / "tests" / "reference_localize.py").exists():
-        raise ValueError(f"memloc perf needs the source checkout (benchmarks/perf.py and tests/ next to the "
-                         f"memloc package); not found under {root}")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.perf")
+def run(args: argparse.Namespace) -> int:
+    from ..perf import format_table, run_perf
 
-
-def run(args) -> int:
-    return _benchmark_module().main(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    dtypes = [t.strip() for t in args.dtype.split(",") if t.strip()]
+    df = run_perf(models, quick=args.quick, device=args.device, dtypes=dtypes)
+    write_json(df.to_dict(orient="records"), args.json)
+    print(format_table(df))
+    return 0

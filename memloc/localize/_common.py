@@ -20,7 +20,7 @@ from .._checks import check_tokens
 from ..models import neuron_hook_name
 
 __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockInputs", "capture_clean",
-           "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear"]
+           "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error"]
 
 
 def prepare_sequence(model: Any, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
@@ -122,12 +122,47 @@ def w_out(model: Any) -> Float[Tensor, "layer neuron d_model"]:
     return model.W_out.detach()
 
 
-def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: float = 1e-4) -> bool:
+#: Units in the last place the fast-path self-checks allow in half precision (see check_tolerance).
+CHECK_ULPS = 16
+#: Relative tolerance of the self-checks in float32 / float64 (what float32 can always meet).
+CHECK_FLOOR = 1e-4
+
+
+def check_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a self-check that decides whether a fast path reproduces the model:
+    ``max(1e-4, 16 * torch.finfo(dtype).eps)`` - 1e-4 for float32 and float64, 0.0156 for float16,
+    0.125 for bfloat16.
+
+    Why: the fast path and the model's own forward compute the same function in a different order,
+    so in a dtype with machine epsilon ε they differ by rounding, measured at 0.4-3 ε of the largest
+    logit (or MLP output) on the embedded model and on the GPT-Neo-125M configuration in float32,
+    float16 and bfloat16; 16 ε leaves margin for deeper models.  A fast path that is *wrong* (a hook
+    that changes the forward, a missed attention window, other coordinates) differs by O(1) of the
+    largest value, far above it.  A fixed 1e-4 can never be met by half precision (ε = 2^-7 in
+    bfloat16), which silently sent such models to the slow paths."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return max(CHECK_FLOOR, CHECK_ULPS * torch.finfo(dtype).eps)
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """``max |out - ref| / max(1, max |ref|)``, computed in float64 (so the comparison itself adds no
+    rounding); the measure every fast-path self-check compares to :func:`check_tolerance`."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1.0))
+
+
+def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: float | None = None) -> bool:
     """Whether ``hook_mlp_out == hook_post @ W_out + b_out`` holds in this model's coordinates
-    (true for unprocessed weights; checked before relying on it)."""
+    (true for unprocessed weights; checked before relying on it).
+
+    The prediction is computed in float32 (float64 for a float64 model) from the model's values and compared relatively (to the
+    largest |output|) with ``atol`` (default :func:`check_tolerance` of the activations' dtype), so
+    that the model's own rounding in float16/bfloat16 does not count as non-linearity."""
     h = acts[neuron_hook_name(layer)]
     out = acts[f"blocks.{layer}.hook_mlp_out"]
+    tol = check_tolerance(h.dtype) if atol is None else atol
     b = getattr(model, "b_out", None)
-    pred = h @ w_out(model)[layer].to(h.dtype) + (b[layer].detach() if b is not None else 0.0)
-    scale = out.abs().max().clamp_min(1.0)
-    return bool(((pred - out).abs().max() / scale) < atol)
+    exact = torch.promote_types(h.dtype, torch.float32)
+    pred = h.to(exact) @ w_out(model)[layer].to(exact) + (b[layer].detach().to(exact) if b is not None else 0.0)
+    return relative_error(pred, out) < tol

@@ -35,8 +35,11 @@ def activations(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], p
         reduce: ``"mean_abs"`` (Eq. 8 as printed: mean of |h|) or ``"abs_mean"`` (|mean of h|, what the
             authors' released code computes).
 
+    Precision: the activations come from the model's dtype; the mean over positions and the norms
+    are computed in float32 (float64 for a float64 model).
+
     Returns:
-        Float[Tensor, "layer neuron"] scores on the model's device (one forward pass).
+        Float[Tensor, "layer neuron"] (float32) scores on the model's device (one forward pass).
     """
     check_choice(reduce, "reduce", ("mean_abs", "abs_mean"))
     tokens = prepare_sequence(model, tokens, prefix_len)
@@ -45,10 +48,11 @@ def activations(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], p
         names = [neuron_hook_name(l) for l in range(n_layers)]
         _, acts, _ = capture_clean(model, tokens, names, capture_blocks=False)
         pos = suffix_positions(tokens.shape[1], prefix_len)
-        h = torch.stack([acts[n][0, pos] for n in names])  # [layer, T, neuron]
+        exact = torch.promote_types(acts[names[0]].dtype, torch.float32)
+        h = torch.stack([acts[n][0, pos] for n in names]).to(exact)  # [layer, T, neuron]
         if reduce == "mean_abs":
             coef = einops.reduce(h.abs(), "layer T neuron -> layer neuron", "mean")
         else:
             coef = einops.reduce(h, "layer T neuron -> layer neuron", "mean").abs()
-        norms = w_out(model).norm(dim=-1).to(coef.dtype)  # [layer, neuron]
+        norms = w_out(model).to(exact).norm(dim=-1)  # [layer, neuron]
         return (coef * norms).float()

@@ -28,8 +28,11 @@ def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
     The gradients are taken at ``blocks.{l}.mlp.hook_post`` (the first one made a leaf tensor in a
     forward hook, so model weights need no gradients).
 
+    Precision: the gradients come from the model's dtype (the loss of Eq. 6 in float32 or better);
+    the products and the sum over positions run in float32 (float64 for a float64 model).
+
     Returns:
-        Float[Tensor, "layer neuron"] estimated loss increases on the model's device.
+        Float[Tensor, "layer neuron"] (float32) estimated loss increases on the model's device.
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     with borrowed(model):
@@ -51,6 +54,7 @@ def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
             loss = memorization_loss(logits[:, pos], tokens[:, prefix_len:])[0]
             hs = [leaves[l] for l in range(n_layers)]
             grads = torch.autograd.grad(loss, hs)
-        h = torch.stack([x.detach()[0] for x in hs])
-        g = torch.stack([x[0] for x in grads])
+        exact = torch.promote_types(hs[0].dtype, torch.float32)
+        h = torch.stack([x.detach()[0] for x in hs]).to(exact)
+        g = torch.stack([x[0] for x in grads]).to(exact)
         return -einops.einsum(h, g, "layer pos neuron, layer pos neuron -> layer neuron").float()

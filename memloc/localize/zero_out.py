@@ -15,8 +15,8 @@ from .._checks import check_positive_int
 from .._progress import progress
 from ..borrow import borrowed
 from ..models import neuron_hook_name
-from ._common import (capture_clean, logits_at, memorization_loss, mlp_out_is_linear, prepare_sequence,
-                      run_blocks_from, suffix_positions, w_out)
+from ._common import (capture_clean, check_tolerance, logits_at, memorization_loss, mlp_out_is_linear,
+                      prepare_sequence, run_blocks_from, suffix_positions, w_out)
 
 __all__ = ["zero_out"]
 
@@ -38,7 +38,15 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     at the T suffix positions only.  Per layer l this costs ``L-1-l`` blocks instead of the
     ``L`` blocks + embedding + full unembedding of the papers' one-forward-per-mask loop.  If the
     MLP output is not linear in ``hook_post`` in the model's coordinates (checked on the clean run),
-    it falls back to the exact full-forward path (a hook zeroing one neuron per batch row).
+    it falls back to the exact full-forward path (a hook zeroing one neuron per batch row), with a
+    logging WARNING naming the measured error and the cost.  That check compares in float32 (float64
+    for float64 models) with a tolerance that follows the model's dtype
+    (:func:`memloc.localize._common.check_tolerance`), so float16 and bfloat16 models keep the fast
+    path.  The chosen path is logged at INFO with ``extra={"memloc_path": "fast" | "full_forward"}``.
+
+    Precision: the forwards run in the model's dtype; the memorization losses (Eq. 6) are computed in
+    float32 (float64 for a float64 model) from the logits, and so are their differences (Eq. 7);
+    the returned scores are float32.
 
     Args:
         model: TransformerBridge (borrowed: left unchanged).
@@ -50,7 +58,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
         progress_bar: show a progress bar (also silenced by ``MEMLOC_PROGRESS=0``).
 
     Returns:
-        Float[Tensor, "layer neuron"] loss increases, on the model's device.
+        Float[Tensor, "layer neuron"] (float32) loss increases, on the model's device.
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     check_positive_int(batch_size, "batch_size")
@@ -77,10 +85,19 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
         target = tokens[:, prefix_len:]
         base = memorization_loss(logits[:, pos], target)[0]
         scores = torch.full((n_layers, d_mlp), float("nan"), device=tokens.device)
-        fast = all(mlp_out_is_linear(model, acts, l) for l in layers)
-        if not fast:
-            logger.warning("zero_out: MLP output is not linear in hook_post in these coordinates; "
-                           "using the full-forward path")
+        tol = check_tolerance(acts[neuron_hook_name(0)].dtype)
+        nonlinear = [l for l in layers if not mlp_out_is_linear(model, acts, l, atol=tol)]
+        fast = not nonlinear
+        if fast:
+            logger.info("zero_out: fast path (MLP output linear in hook_post within %.3g)", tol,
+                        extra={"memloc_path": "fast"})
+        else:
+            blocks_fast = sum(max(n_layers - 1 - l, 1) for l in layers)
+            logger.warning("zero_out: MLP output is not linear in hook_post in these coordinates (layers %s, "
+                           "relative tolerance %.3g for %s); using the full-forward path: %d instead of %d "
+                           "block evaluations per neuron batch summed over the layers (about %.1fx slower)",
+                           nonlinear, tol, acts[neuron_hook_name(0)].dtype, len(layers) * n_layers, blocks_fast,
+                           len(layers) * n_layers / blocks_fast, extra={"memloc_path": "full_forward"})
         W = w_out(model)
         neuron_idx = neuron_idx.to(tokens.device)
         jobs = [(l, i) for l in layers for i in range(0, len(neuron_idx), batch_size)]
@@ -94,7 +111,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
                 out = logits_at(model, final[:, pos])
             else:
                 out = _masked_forward(model, tokens, l, idx)[:, pos]
-            scores[l, idx] = memorization_loss(out, target) - base
+            scores[l, idx] = (memorization_loss(out, target) - base).to(scores.dtype)
         return scores
 
 

@@ -1,17 +1,27 @@
-"""Slow, obviously-correct reference implementations of the localization methods, written like the
-authors' code (terarachang/MemPi: ``fast_zero_out_vector``, ``integrated_gradients`` after
-EleutherAI knowledge-neurons).  Used by tests/test_localize.py and benchmarks/perf.py."""
+"""The papers' slow loops: obviously-correct reference implementations of the localization
+methods, written like the authors' code (terarachang/MemPi: ``fast_zero_out_vector``,
+``integrated_gradients`` after EleutherAI knowledge-neurons).
+
+They are not meant for analysis (use :mod:`memloc.localize`); they exist to verify the fast
+implementations (the tests compare against them) and to time them (``memloc perf``).  Each runs
+one full forward of the whole model per (layer, batch of masks) or per (layer, position), as the
+papers describe, and works in any floating dtype: masks follow the activations' dtype, losses and
+gradient sums are accumulated in float32 / float64, and scores come back as float32 on the CPU.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from memloc.models import neuron_hook_name
+from ..models import neuron_hook_name
+
+__all__ = ["reference_loss", "reference_zero_out", "reference_integrated_gradients",
+           "reference_attribution_patching"]
 
 
 def reference_loss(model, tokens, prefix_len, fwd_hooks=()):
-    """Eq. 6 per row: one full forward, mean NLL of the suffix."""
+    """Chang et al. Eq. 6 per row: one full forward, mean NLL of the suffix (float32 or better)."""
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
     shift = logits[:, prefix_len - 1:-1]
     shift = shift.float() if shift.dtype in (torch.float16, torch.bfloat16) else shift
@@ -36,11 +46,11 @@ def reference_zero_out(model, tokens, prefix_len, *, layers=None, neurons=None, 
             coef[torch.arange(len(idx)), 0, idx] = 0.0
 
             def hook(act, hook, coef=coef):
-                return act * coef
+                return act * coef.to(act.dtype)
 
             loss = reference_loss(model, tokens.expand(len(idx), -1), prefix_len,
                                   [(neuron_hook_name(l), hook)])
-            out[l, idx] = (loss - base).cpu()
+            out[l, idx] = (loss - base).float().cpu()
     return out
 
 
@@ -72,7 +82,7 @@ def reference_integrated_gradients(model, tokens, prefix_len, *, steps=20, layer
             h = acts[neuron_hook_name(l)][q]
             grad_sum = torch.zeros(d, dtype=torch.float64, device=tokens.device)
             for i in range(0, steps, step_batch):
-                a = alphas[i:i + step_batch]
+                a = alphas[i:i + step_batch].to(h.dtype)
                 scaled = (a[:, None] * h[None]).requires_grad_(True)
 
                 def hook(act, hook, scaled=scaled):
@@ -98,8 +108,8 @@ def reference_attribution_patching(model, tokens, prefix_len):
     masks = [torch.ones(d, device=tokens.device, requires_grad=True) for _ in range(n_layers)]
 
     def hook(act, hook):
-        return act * masks[int(hook.name.split(".")[1])]
+        return act * masks[int(hook.name.split(".")[1])].to(act.dtype)
 
     loss = reference_loss(model, tokens, prefix_len, [(neuron_hook_name(l), hook) for l in range(n_layers)])[0]
     grads = torch.autograd.grad(loss, masks)
-    return -torch.stack(grads).detach().cpu()
+    return -torch.stack(grads).detach().float().cpu()

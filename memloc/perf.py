@@ -1,0 +1,315 @@
+"""Performance benchmark of the localization methods (:mod:`memloc.localize`) against the papers'
+loops (:mod:`memloc.localize.reference`), in one or several dtypes.
+
+Run ``memloc perf [--json out.json] [--models tiny,gpt-neo-125m-random] [--quick]
+[--dtype float32,bfloat16]`` (or ``python -m benchmarks.perf`` from a checkout, same options).
+Everything is measured in the same run on the same machine; each row has ``method, model, dtype,
+seconds, reference_seconds, speedup, max_abs_diff`` plus method-specific columns:
+
+* ``zero_out``: fast (recompute layers > l, logits at suffix positions only) vs the authors'
+  one-full-forward-per-batch-of-one-hot-masks loop (:func:`~memloc.localize.reference.reference_zero_out`),
+  with the same batch size.  ``bound`` is the best speedup obtainable by skipping layers < l alone,
+  counting layers: ``n_layers / mean_l (n_layers - l)`` (layer l itself counted as needed;
+  embedding and unembedding ignored), and ``achieved_over_bound = speedup / bound``.
+* ``integrated_gradients``: the fast path ``implementation="auto"`` chooses (``path`` column; on
+  GPT-Neo / GPT-2 the direct single-token pass over the clean keys/values, elsewhere the KV-cache
+  path) vs the authors' loop (one forward+backward of ``[p, s_<t]`` per layer and position, all 20
+  Riemann steps batched).
+* ``ig_kv_cache_vs_direct``: IG's two fast paths on the same positions: ``seconds`` is ``direct``,
+  ``reference_seconds`` is ``kv_cache``, ``speedup`` = kv_cache / direct (the measurement that
+  decides whether the direct path is worth its code).
+* ``activations``: one forward; no reference loop (``speedup`` NaN); present for the dtype comparison.
+* ``slimming`` / ``hard_concrete``: seconds per optimization step (difference of a long and a short
+  run, so setup is excluded) vs one plain forward+backward of the memorization loss with respect
+  to the model's parameters (``reference_seconds``); ``speedup`` is then plain / step (≥ 1/1.2 is
+  the target) and ``step_over_plain`` its inverse.
+* ``attribution_patching``: seconds vs fast ZERO-OUT (``reference_seconds``), and the Spearman
+  correlation of its scores with ZERO-OUT's on the neurons both scored.
+
+Dtypes: ``--dtype`` takes one or more of float32, bfloat16, float16, float64; float32 is always
+measured first as the baseline.  Rows of another dtype carry ``speedup_over_fp32`` (their speedup
+divided by the float32 row's speedup of the same method and model) and ``spearman_vs_fp32`` (the
+Spearman correlation of their scores with the float32 scores on the same neurons).  Issue 11's
+target for bfloat16: ``speedup_over_fp32 >= 0.8`` for ZERO-OUT and IG, ``spearman_vs_fp32 >= 0.99``
+for ZERO-OUT, IG and ACTIVATIONS; ``target_met`` says whether each row meets its part.  ZERO-OUT rows
+of another dtype also carry ``reference_spearman_vs_fp32``: the same correlation for the papers'
+loop run in that dtype, which separates what the fast path loses from what the dtype itself loses.
+
+Extrapolation (``extrapolated`` column): on the GPT-Neo-125M-shaped random model the exhaustive
+runs are too long for a CPU, so ZERO-OUT (fast and reference) is timed on the same subset of
+neurons in every layer and both times are scaled by ``d_mlp / subset`` (per-neuron cost does not
+depend on which neurons); IG fast is timed on a few evenly spaced suffix positions for all layers
+and scaled by ``T / positions``, and the reference on the middle suffix position for a subset of
+layers (its cost per (layer, position) does not depend on the layer and grows linearly with the
+position, so the middle position is the average) and scaled by ``n_layers * T / calls``.  In
+``--quick`` mode the embedded model uses such subsets too.  ``max_abs_diff`` always compares the
+fast and reference scores on exactly the neurons/positions/layers both computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from . import localize as loc
+from .borrow import borrowed
+from .localize._common import memorization_loss, suffix_positions
+from .localize.reference import reference_integrated_gradients, reference_zero_out
+from .models import load_model
+
+__all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m"]
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("tiny", "gpt-neo-125m-random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+#: Issue 11's bfloat16 targets: speedup relative to float32, Spearman with the float32 scores.
+SPEEDUP_TARGET, SPEARMAN_TARGET = 0.8, 0.99
+
+
+def build_random_gpt_neo_125m(path: Path, seed: int = 0) -> Path:
+    """Save a random-weight ``GPTNeoForCausalLM`` with GPT-Neo-125M's real configuration (12 layers,
+    d_model 768, 12 heads, alternating global/local attention with window 256, vocabulary 50,257)
+    and the embedded model's tokenizer files into ``path`` (no hub needed); return ``path``."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+    from .models import tiny_model_dir
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoConfig(vocab_size=50257, max_position_embeddings=2048, hidden_size=768, num_layers=12,
+                       num_heads=12, intermediate_size=None, window_size=256,
+                       attention_types=[[["global", "local"], 6]], activation_function="gelu_new")
+    path = Path(path)
+    GPTNeoForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    PreTrainedTokenizerFast.from_pretrained(str(tiny_model_dir())).save_pretrained(path)
+    return path
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _load(name: str, device: str | None, dtype: torch.dtype, workdir: Path) -> tuple[Any, torch.Tensor, int]:
+    from .data import load_paragraphs
+
+    if name == "tiny":
+        model = load_model("tiny", device=device, dtype=dtype)
+        para = load_paragraphs("tiny")
+        t = para.table
+        best = t[t["em_ref"] >= 50].sort_values("count", ascending=False)["id"].tolist() or [0]
+        return model, para.tokens[best[0]], para.prefix_len
+    if name == "gpt-neo-125m-random":
+        path = workdir / "gpt-neo-125m"
+        if not (path / "config.json").exists():
+            build_random_gpt_neo_125m(path)
+        model = load_model(path, device=device, dtype=dtype)
+        para = load_paragraphs("gpt-neo-125m")
+        return model, para.tokens[0], para.prefix_len
+    raise ValueError(f"models must be among {MODELS}, got {name!r}")
+
+
+def _plain_fwd_bwd(model: Any, tokens: torch.Tensor, prefix_len: int, repeats: int) -> float:
+    """Median seconds of one forward + backward of the memorization loss w.r.t. the parameters."""
+    times = []
+    with borrowed(model):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        x = tokens.reshape(1, -1).to(next(model.parameters()).device)
+        pos = suffix_positions(x.shape[1], prefix_len)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            loss = memorization_loss(model(x)[:, pos], x[:, prefix_len:])[0]
+            loss.backward()
+            times.append(time.perf_counter() - t)
+            for p in model.parameters():
+                p.grad = None
+    return float(torch.tensor(times).median())
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    a, b = a.detach().double().cpu().flatten(), b.detach().double().cpu().flatten()
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    return float(spearmanr(a[keep].numpy(), b[keep].numpy())[0])
+
+
+def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
+                dtype: torch.dtype = torch.float32) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Rows for one (model, dtype), and the scores compared across dtypes (``zero_out``,
+    ``zero_out_reference``, ``integrated_gradients``, ``activations``, on fixed neuron subsets)."""
+    model, tokens, prefix_len = _load(name, device, dtype, workdir)
+    tokens = tokens.reshape(1, -1)
+    L, d = model.cfg.n_layers, model.cfg.d_mlp
+    seq = tokens.shape[1]
+    T = seq - prefix_len
+    big = name != "tiny"
+    dname = str(dtype).removeprefix("torch.")
+    rows: list[dict] = []
+    scores: dict[str, torch.Tensor] = {}
+    pb = dict(progress_bar=False)
+    bound = L / (sum(L - l for l in range(L)) / L)
+
+    def row(**kw) -> dict:
+        r = dict(method=kw.pop("method"), model=name, dtype=dname, **kw)
+        rows.append(r)
+        return r
+
+    # ---- ZERO-OUT
+    batch = 32 if big else 64
+    n_sub = (16 if quick else 32) if big else (128 if quick else d)
+    gen = torch.Generator().manual_seed(0)
+    sub = torch.randperm(d, generator=gen)[:n_sub].sort().values
+    fast, t_fast = _timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **pb))
+    ref, t_ref = _timed(lambda: reference_zero_out(model, tokens.to(fast.device), prefix_len, neurons=sub,
+                                                   batch_size=batch))
+    scale = d / n_sub
+    zo_sub = fast[:, sub].cpu()
+    scores["zero_out"], scores["zero_out_reference"] = zo_sub, ref[:, sub]
+    speed = t_ref / t_fast
+    row(method="zero_out", seconds=t_fast * scale, reference_seconds=t_ref * scale, speedup=speed,
+        max_abs_diff=float((zo_sub - ref[:, sub]).abs().max()), bound=bound, achieved_over_bound=speed / bound,
+        batch_size=batch, extrapolated=scale != 1, note=f"{n_sub} of {d} neurons in every layer, times scaled x{scale:g}")
+    logger.info("zero_out %s %s: %.1fs vs %.1fs", name, dname, t_fast * scale, t_ref * scale)
+
+    # ---- attribution patching (vs fast zero-out on the same neurons)
+    ap, t_ap = _timed(lambda: loc.attribution_patching(model, tokens, prefix_len))
+    rho_layers = [_spearman(ap[l, sub], zo_sub[l]) for l in range(L)]
+    row(method="attribution_patching", seconds=t_ap, reference_seconds=t_fast * scale, speedup=t_fast * scale / t_ap,
+        max_abs_diff=float((ap[:, sub].cpu() - zo_sub).abs().max()), spearman=_spearman(ap[:, sub], zo_sub),
+        spearman_per_layer=[round(r, 3) for r in rho_layers],
+        note="reference = fast ZERO-OUT (all neurons); spearman over the scored neurons")
+
+    # ---- ACTIVATIONS (for the dtype comparison)
+    act, t_act = _timed(lambda: loc.activations(model, tokens, prefix_len))
+    scores["activations"] = act.cpu()
+    row(method="activations", seconds=t_act, reference_seconds=float("nan"), speedup=float("nan"),
+        max_abs_diff=float("nan"), note="one forward; no reference loop")
+
+    # ---- IG
+    all_pos = list(range(prefix_len - 1, seq - 1))
+    mid = [prefix_len - 1 + T // 2]
+    if big or quick:
+        n_pos = 3 if big and quick else (5 if big else 10)
+        fast_pos = [all_pos[round(i * (T - 1) / (n_pos - 1))] for i in range(n_pos)]
+        ref_layers = [L - 1] if (big and quick) else ([0, L - 1] if big else list(range(L)))
+        ref_pos = mid if big else fast_pos
+    else:
+        fast_pos, ref_layers, ref_pos = all_pos, list(range(L)), all_pos
+    paths: list[str] = []
+
+    class _PathLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "memloc_path"):
+                paths.append(record.memloc_path)
+
+    ig_logger = logging.getLogger("memloc.localize.integrated_gradients")
+    handler, old_level = _PathLog(level=logging.INFO), ig_logger.level
+    ig_logger.addHandler(handler)
+    ig_logger.setLevel(logging.INFO)
+    try:
+        ig_fast, t_ig = _timed(lambda: loc.integrated_gradients(model, tokens, prefix_len, positions=fast_pos, **pb))
+    finally:
+        ig_logger.removeHandler(handler)
+        ig_logger.setLevel(old_level)
+    scores["integrated_gradients"] = ig_fast.cpu()
+    t_ig_total = t_ig * T / len(fast_pos)
+    ref_ig, t_rig = _timed(lambda: reference_integrated_gradients(model, tokens.to(fast.device), prefix_len,
+                                                                  layers=ref_layers, positions=ref_pos))
+    t_rig_total = t_rig * (L * T) / (len(ref_layers) * len(ref_pos))
+    same = loc.integrated_gradients(model, tokens, prefix_len, positions=ref_pos, layers=ref_layers, **pb).cpu()
+    diff = float((same[ref_layers] - ref_ig[ref_layers]).abs().max())
+    rel = diff / float(ref_ig[ref_layers].abs().max())
+    row(method="integrated_gradients", seconds=t_ig_total, reference_seconds=t_rig_total,
+        speedup=t_rig_total / t_ig_total, max_abs_diff=diff, max_rel_diff=rel, path=paths[0] if paths else None,
+        extrapolated=len(fast_pos) != T or len(ref_pos) * len(ref_layers) != T * L,
+        note=f"fast timed on {len(fast_pos)} of {T} positions (all layers); reference on "
+             f"{len(ref_pos)} positions x {len(ref_layers)} layers; 20 steps")
+    logger.info("ig %s %s: %.1fs vs %.1fs (%s path)", name, dname, t_ig_total, t_rig_total, paths[:1])
+
+    # ---- IG: direct vs kv_cache on the same positions
+    if paths and paths[0] == "direct":
+        kv, t_kv = _timed(lambda: loc.integrated_gradients(model, tokens, prefix_len, positions=fast_pos,
+                                                           implementation="kv_cache", **pb))
+        kv = kv.cpu()
+        row(method="ig_kv_cache_vs_direct", seconds=t_ig * T / len(fast_pos),
+            reference_seconds=t_kv * T / len(fast_pos), speedup=t_kv / t_ig,
+            max_abs_diff=float((kv - ig_fast.cpu()).abs().max()),
+            max_rel_diff=float((kv - ig_fast.cpu()).abs().max() / ig_fast.abs().max().cpu()),
+            note="seconds = direct path, reference_seconds = kv_cache path, same positions; speedup = kv_cache/direct")
+
+    # ---- SLIMMING / HARD CONCRETE: seconds per step vs plain forward+backward
+    plain = _plain_fwd_bwd(model, tokens, prefix_len, repeats=3 if big else 10)
+    short, long_ = (2, 6) if big else ((5, 25) if quick else (10, 60))
+    for meth in ("slimming", "hard_concrete"):
+        fn = getattr(loc, meth)
+        _, t_short = _timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **pb))
+        _, t_long = _timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **pb))
+        step = (t_long - t_short) / (long_ - short)
+        row(method=meth, seconds=step, reference_seconds=plain, speedup=plain / step, max_abs_diff=float("nan"),
+            step_over_plain=step / plain,
+            note=f"per step: ({long_}-step run - {short}-step run) / {long_ - short}; reference = "
+                 "one plain forward+backward w.r.t. the parameters")
+    return rows, scores
+
+
+def _compare_dtypes(rows: list[dict], scores: dict[tuple[str, str], dict[str, torch.Tensor]]) -> None:
+    """Add ``speedup_over_fp32``, ``spearman_vs_fp32`` (and ``reference_spearman_vs_fp32`` for
+    ZERO-OUT) and ``target_met`` to the rows of dtypes other than float32."""
+    base = {(r["method"], r["model"]): r for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        if r["dtype"] == "float32" or (r["method"], r["model"]) not in base:
+            continue
+        b = base[(r["method"], r["model"])]
+        mine, ref = scores.get((r["model"], r["dtype"]), {}), scores.get((r["model"], "float32"), {})
+        checks = []
+        if r["method"] in ("zero_out", "integrated_gradients"):
+            r["speedup_over_fp32"] = r["speedup"] / b["speedup"]
+            checks.append(r["speedup_over_fp32"] >= SPEEDUP_TARGET)
+        if r["method"] in ("zero_out", "integrated_gradients", "activations"):
+            r["spearman_vs_fp32"] = _spearman(mine[r["method"]], ref[r["method"]])
+            checks.append(r["spearman_vs_fp32"] >= SPEARMAN_TARGET)
+        if r["method"] == "zero_out":
+            r["reference_spearman_vs_fp32"] = _spearman(mine["zero_out_reference"], ref["zero_out_reference"])
+        if checks:
+            r["target_met"] = all(checks)
+
+
+def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = False, device: str | None = None,
+             dtypes: list[str] | tuple[str, ...] = ("float32",)) -> pd.DataFrame:
+    """Run the benchmark on ``models`` in ``dtypes`` (float32 is always added first as the baseline)
+    and return one row per (method, model, dtype)."""
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ValueError(f"models must be a non-empty subset of {MODELS}, got {list(models)}")
+    bad = [t for t in dtypes if t not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes must be a non-empty subset of {sorted(DTYPES)}, got {list(dtypes)}")
+    order = ["float32"] + [t for t in dict.fromkeys(dtypes) if t != "float32"]
+    rows: list[dict] = []
+    scores: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            for t in order:
+                r, s = bench_model(name, quick=quick, device=device, workdir=Path(tmp), dtype=DTYPES[t])
+                rows.extend(r)
+                scores[(name, t)] = s
+    _compare_dtypes(rows, scores)
+    return pd.DataFrame(rows)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    cols = [c for c in ("method", "model", "dtype", "path", "seconds", "reference_seconds", "speedup", "max_abs_diff",
+                        "max_rel_diff", "bound", "achieved_over_bound", "step_over_plain", "spearman",
+                        "speedup_over_fp32", "spearman_vs_fp32", "reference_spearman_vs_fp32", "target_met")
+            if c in df]
+    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")

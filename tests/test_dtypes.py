@@ -1,0 +1,158 @@
+"""Half and double precision (issue 11 §1): every localization method returns finite scores of the
+right shape on float16 / bfloat16 / float64 models of the small random architectures and takes
+its fast path (asserted on the path the method logs, never on time); the self-check tolerances
+follow the dtype; float64 ZERO-OUT and IG match the papers' loops; half-precision scores rank
+neurons like the float32 ones."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import memloc.localize as loc
+from memloc import load_model
+from memloc.localize._common import check_tolerance
+from memloc.localize.reference import reference_integrated_gradients, reference_zero_out
+
+KINDS = ("gpt-neo", "gpt2", "neox", "llama")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: The IG path "auto" must pick: the direct pass where the architecture has one, else the KV cache.
+IG_PATH = {"gpt-neo": "direct", "gpt2": "direct", "neox": "kv_cache", "llama": "kv_cache"}
+SEQ, PREFIX = 12, 6
+FAST = {"progress_bar": False}
+CALLS = {
+    "activations": lambda m, x: loc.activations(m, x, PREFIX),
+    "integrated_gradients": lambda m, x: loc.integrated_gradients(m, x, PREFIX, steps=3, **FAST),
+    "zero_out": lambda m, x: loc.zero_out(m, x, PREFIX, batch_size=128, **FAST),
+    "slimming": lambda m, x: loc.slimming(m, x, PREFIX, max_steps=3, **FAST),
+    "hard_concrete": lambda m, x: loc.hard_concrete(m, x, PREFIX, max_steps=3, **FAST),
+    "random": lambda m, x: loc.random_scores(m, x, PREFIX),
+    "attribution_patching": lambda m, x: loc.attribution_patching(m, x, PREFIX),
+}
+
+
+@pytest.fixture(scope="module")
+def models(random_model_dir):
+    cache: dict = {}
+
+    def get(kind: str, dtype: torch.dtype):
+        if (kind, dtype) not in cache:
+            cache[(kind, dtype)] = load_model(random_model_dir(kind), dtype=dtype)
+        return cache[(kind, dtype)]
+
+    return get
+
+
+def _tokens(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (1, SEQ), generator=g)
+
+
+def _run(fn, caplog):
+    """Run ``fn`` capturing memloc's log records; return its result, the paths it logged and its warnings."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="memloc"):
+        out = fn()
+    paths = [r.memloc_path for r in caplog.records if hasattr(r, "memloc_path")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("memloc")]
+    return out, paths, warnings
+
+
+def test_check_tolerance_follows_dtype():
+    assert check_tolerance(torch.float32) == check_tolerance(torch.float64) == 1e-4
+    assert check_tolerance(torch.float16) == pytest.approx(16 * 2.0 ** -10)
+    assert check_tolerance(torch.bfloat16) == pytest.approx(16 * 2.0 ** -7)
+    with pytest.raises(ValueError, match="dtype"):
+        check_tolerance(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_method_fast_path_in_dtype(models, kind, dtype, caplog, unchanged):
+    m = models(kind, dtype)
+    assert next(m.parameters()).dtype == dtype
+    x = _tokens(m)
+    for name, call in CALLS.items():
+        with unchanged(m):
+            s, paths, warnings = _run(lambda: call(m, x), caplog)
+        assert s.shape == (m.cfg.n_layers, m.cfg.d_mlp), name
+        assert s.dtype == torch.float32 and torch.isfinite(s).all(), name
+        assert not warnings, (name, warnings)  # no fallback to a slower path
+        if name == "integrated_gradients":
+            assert paths == [IG_PATH[kind]]
+        elif name == "zero_out":
+            assert paths == ["fast"]
+
+
+@pytest.mark.parametrize("kind", ["gpt-neo", "llama"])
+def test_float64_matches_papers_loops(models, kind):
+    """The float64 ZERO-OUT used to crash (float64 losses into a float32 score tensor)."""
+    m = models(kind, torch.float64)
+    x = _tokens(m, seed=1)
+    zo = loc.zero_out(m, x, PREFIX, batch_size=100, **FAST)
+    ref = reference_zero_out(m, x, PREFIX, batch_size=128)
+    assert ref.abs().max() > 1e-4
+    assert (zo.cpu() - ref).abs().max() < 1e-6 * ref.abs().max()
+    ig = loc.integrated_gradients(m, x, PREFIX, steps=4, **FAST)
+    ref = reference_integrated_gradients(m, x, PREFIX, steps=4)
+    assert (ig.cpu() - ref).abs().max() < 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["gpt-neo", "llama"])
+def test_half_precision_ranks_like_float32(models, kind, dtype):
+    """The half-precision fast paths compute the same attribution as in float32, up to rounding."""
+    m32, mh = models(kind, torch.float32), models(kind, dtype)
+    x = _tokens(m32, seed=2)
+    for name in ("activations", "integrated_gradients", "zero_out"):
+        a, b = CALLS[name](m32, x), CALLS[name](mh, x)
+        rho = spearmanr(a.flatten().numpy(), b.flatten().numpy())[0]
+        assert rho > 0.95, (name, rho)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_ig_matches_its_papers_loop(models, dtype):
+    """In half precision the fast IG agrees with the papers' loop run in the same dtype to a few
+    ulps of the largest score (the accumulation runs in float64 in both)."""
+    m = models("gpt2", dtype)
+    x = _tokens(m, seed=3)
+    ig = loc.integrated_gradients(m, x, PREFIX, steps=4, **FAST)
+    ref = reference_integrated_gradients(m, x, PREFIX, steps=4)
+    assert (ig.cpu() - ref).abs().max() < 16 * torch.finfo(dtype).eps * ref.abs().max()
+
+
+def test_wrong_fast_path_is_still_rejected_in_bfloat16(models, caplog, unchanged):
+    """The looser half-precision tolerance still catches a direct pass that does not reproduce the
+    model: a hook shifting the residual stream sends IG to the KV-cache path with a WARNING."""
+    m = models("gpt-neo", torch.bfloat16)
+    x = _tokens(m, seed=4)
+    bump = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+
+    def shift(act, hook):
+        return act + bump
+
+    with m.hooks(fwd_hooks=[("blocks.0.hook_resid_post", shift)]), unchanged(m):
+        _, paths, warnings = _run(lambda: CALLS["integrated_gradients"](m, x), caplog)
+    assert paths == ["kv_cache"]
+    assert len(warnings) == 1 and "relative error" in warnings[0] and "slower" in warnings[0]
+
+
+def test_zero_out_fallback_warns_with_cost(models, caplog, monkeypatch):
+    """When the MLP output is not linear in hook_post, ZERO-OUT says so and what it costs."""
+    import sys
+
+    m = models("gpt2", torch.bfloat16)
+    zo_mod = sys.modules["memloc.localize.zero_out"]
+    monkeypatch.setattr(zo_mod, "mlp_out_is_linear", lambda *a, **k: False)
+    s, paths, warnings = _run(lambda: loc.zero_out(m, _tokens(m), PREFIX, layers=[1], neurons=[0, 5], **FAST), caplog)
+    assert paths == ["full_forward"] and torch.isfinite(s[1, [0, 5]]).all()
+    assert len(warnings) == 1 and "full-forward" in warnings[0] and "slower" in warnings[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, "bfloat16", None])
+def test_load_model_rejects_non_floating_dtype(dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        load_model("tiny", dtype=dtype)
