@@ -15,11 +15,11 @@ seconds, reference_seconds, speedup, max_abs_diff`` plus method-specific columns
   GPT-Neo / GPT-2 the direct single-token pass over the clean keys/values, elsewhere the KV-cache
   path) vs the authors' loop (one forward+backward of ``[p, s_<t]`` per layer and position, all 20
   Riemann steps batched).
-* ``ig_kv_cache_vs_direct``: IG's two fast paths on the same positions: ``seconds`` is ``direct``,
+* ``ig_kv_cache_vs_direct`` (float32 only): IG's two fast paths on the same positions: ``seconds`` is ``direct``,
   ``reference_seconds`` is ``kv_cache``, ``speedup`` = kv_cache / direct (the measurement that
   decides whether the direct path is worth its code).
 * ``activations``: one forward; no reference loop (``speedup`` NaN); present for the dtype comparison.
-* ``slimming`` / ``hard_concrete``: seconds per optimization step (difference of a long and a short
+* ``slimming`` / ``hard_concrete`` (float32 only): seconds per optimization step (difference of a long and a short
   run, so setup is excluded) vs one plain forward+backward of the memorization loss with respect
   to the model's parameters (``reference_seconds``); ``speedup`` is then plain / step (≥ 1/1.2 is
   the target) and ``step_over_plain`` its inverse.
@@ -92,10 +92,18 @@ def build_random_gpt_neo_125m(path: Path, seed: int = 0) -> Path:
     return path
 
 
+#: Clock of every timing: process CPU time on a CPU (set by :func:`run_perf`), wall clock on a GPU.
+_CLOCK: list[Callable[[], float]] = [time.process_time]
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = _CLOCK[0]()
     out = fn()
-    return out, time.perf_counter() - t
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, _CLOCK[0]() - t
 
 
 def _load(name: str, device: str | None, dtype: torch.dtype, workdir: Path) -> tuple[Any, torch.Tensor, int]:
@@ -126,10 +134,8 @@ def _plain_fwd_bwd(model: Any, tokens: torch.Tensor, prefix_len: int, repeats: i
         x = tokens.reshape(1, -1).to(next(model.parameters()).device)
         pos = suffix_positions(x.shape[1], prefix_len)
         for _ in range(repeats):
-            t = time.perf_counter()
-            loss = memorization_loss(model(x)[:, pos], x[:, prefix_len:])[0]
-            loss.backward()
-            times.append(time.perf_counter() - t)
+            _, t = _timed(lambda: memorization_loss(model(x)[:, pos], x[:, prefix_len:])[0].backward())
+            times.append(t)
             for p in model.parameters():
                 p.grad = None
     return float(torch.tensor(times).median())
@@ -236,6 +242,9 @@ def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
              f"{len(ref_pos)} positions x {len(ref_layers)} layers; 20 steps")
     logger.info("ig %s %s: %.1fs vs %.1fs (%s path)", name, dname, t_ig_total, t_rig_total, paths[:1])
 
+    if dtype != torch.float32:  # the dtype comparison needs ZERO-OUT, IG and ACTIVATIONS only
+        return rows, scores
+
     # ---- IG: direct vs kv_cache on the same positions
     if paths and paths[0] == "direct":
         kv, t_kv = _timed(lambda: loc.integrated_gradients(model, tokens, prefix_len, positions=fast_pos,
@@ -285,9 +294,11 @@ def _compare_dtypes(rows: list[dict], scores: dict[tuple[str, str], dict[str, to
 
 
 def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = False, device: str | None = None,
-             dtypes: list[str] | tuple[str, ...] = ("float32",)) -> pd.DataFrame:
+             dtypes: list[str] | tuple[str, ...] = ("float32",),
+             on_rows: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
     """Run the benchmark on ``models`` in ``dtypes`` (float32 is always added first as the baseline)
-    and return one row per (method, model, dtype)."""
+    and return one row per (method, model, dtype); ``on_rows`` receives the rows so far after each
+    (model, dtype) (e.g. to save partial results of a long run)."""
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         raise ValueError(f"models must be a non-empty subset of {MODELS}, got {list(models)}")
@@ -295,6 +306,7 @@ def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = Fals
     if bad or not dtypes:
         raise ValueError(f"dtypes must be a non-empty subset of {sorted(DTYPES)}, got {list(dtypes)}")
     order = ["float32"] + [t for t in dict.fromkeys(dtypes) if t != "float32"]
+    _CLOCK[0] = time.process_time if str(device or "cpu").startswith("cpu") else time.perf_counter
     rows: list[dict] = []
     scores: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +315,9 @@ def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = Fals
                 r, s = bench_model(name, quick=quick, device=device, workdir=Path(tmp), dtype=DTYPES[t])
                 rows.extend(r)
                 scores[(name, t)] = s
-    _compare_dtypes(rows, scores)
+                _compare_dtypes(rows, scores)
+                if on_rows is not None:
+                    on_rows(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 

@@ -95,7 +95,7 @@ def test_ig_matches_reference_small(small_models, kind, unchanged):
 
 def test_ig_matches_reference_tiny(tiny, memorized):
     x = memorized[1][:24]
-    fast = loc.integrated_gradients(tiny, x, 16, **FAST)  # default: 20 steps, auto -> kv_cache
+    fast = loc.integrated_gradients(tiny, x, 16, **FAST)  # default: 20 steps, auto -> direct
     ref = reference_integrated_gradients(tiny, x.reshape(1, -1), 16, steps=20)
     assert ((fast.cpu() - ref).abs().max() / ref.abs().max()) < 1e-4
 

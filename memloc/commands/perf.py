@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     dtypes = [t.strip() for t in args.dtype.split(",") if t.strip()]
-    df = run_perf(models, quick=args.quick, device=args.device, dtypes=dtypes)
-    write_json(df.to_dict(orient="records"), args.json)
+    df = run_perf(models, quick=args.quick, device=args.device, dtypes=dtypes,
+                  on_rows=lambda part: write_json(part.to_dict(orient="records"), args.json))
     print(format_table(df))
     return 0
