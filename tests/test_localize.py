@@ -506,15 +506,46 @@ def test_collapse_warning_with_authors_settings(tiny, memorized, caplog):
     s, hist, warned = _collapsed_run(tiny, x, caplog, max_steps=300, **AUTHORS_SETTINGS)
     assert len(hist) < 300 and hist[-1][2] < 0.1  # stopped early on sparsity alone...
     assert hist[-1][1] > hist[0][1] + 1.0  # ...with the memorization loss far above its clean value
-    assert s[1:].mean() < 0.1
+    assert s[1:].mean() < 0.1 and _masked_mem_loss(tiny, x, {l: s[l] for l in (1, 2, 3)}) > hist[0][1] + 1.0
     assert len(warned) == 1 and "memorization loss" in warned[0].getMessage()
     # with the memorization-loss condition the same pressure does not stop there (it runs to the cap)
     caplog.clear()
     _, hist2, warned2 = _collapsed_run(tiny, x, caplog, max_steps=150, lam=1000.0, lam_scale="mean")
-    assert len(hist2) == 150
+    assert len(hist2) == 150 and len(warned2) == 1  # ...and ends collapsed at the cap, with the WARNING
 
 
 def test_no_collapse_warning_when_memorization_is_kept(tiny, memorized, caplog):
     # no sparsity pressure: the masks stay near 1, the memorization loss at its clean value, no warning
     s, hist, warned = _collapsed_run(tiny, memorized[0], caplog, max_steps=20, lam=0.0)
     assert not warned and s[1:].mean() > 0.5
+
+
+def _masked_mem_loss(model, x, masks):
+    """Memorization loss (Eq. 6) of ``x`` with ``h^l <- h^l * masks[l]`` for every layer in ``masks``."""
+    from memloc.metrics import teacher_forced
+
+    def hook(act, hook):
+        return act * masks[int(hook.name.split(".")[1])].to(act.dtype)
+
+    with model.hooks(fwd_hooks=[(neuron_hook_name(l), hook) for l in masks]):
+        return float(teacher_forced(model, x[None], 50)["nll"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["slimming", "hard_concrete"])
+def test_defaults_do_not_collapse_on_a_memorized_paragraph(tiny, memorized, method, caplog):
+    """The library defaults (per-neuron λ) on a memorized embedded paragraph, DEL setting: the
+    masks keep some neurons and the sequence memorized, and no collapse WARNING is logged."""
+    import logging
+
+    from memloc.metrics import teacher_forced
+
+    x = memorized[0]
+    clean = float(teacher_forced(tiny, x[None], 50)["nll"][0])
+    with caplog.at_level(logging.WARNING, logger="memloc.localize"):
+        s = METHODS[method](tiny, x, 50, start_layer=1, **FAST)
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
+    test_time = s if method == "slimming" else loc.hard_concrete_mask(torch.logit(s.double()), 2 / 3).float()
+    assert float(test_time[1:].mean()) > 0.05 and float((s[1:] > 0.5).float().mean()) > 0.02  # not all ~0
+    mem = _masked_mem_loss(tiny, x, {l: test_time[l] for l in (1, 2, 3)})
+    assert mem < clean + 1.0

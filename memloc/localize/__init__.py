@@ -7,13 +7,14 @@ scores over the FFN neurons ``blocks.{l}.mlp.hook_post`` for one sequence (``[se
 ``METHODS`` maps names to the functions so benchmarks can iterate over them.
 
 Defaults follow the paper and, where A.7 gives no numbers, the authors' released code
-(terarachang/MemPi): IG 20 Riemann steps; SLIMMING and HARD CONCRETE Adam lr 1e-2, at most 5000
-steps with early stop once the (normalized) sparsity term < 0.1; HARD CONCRETE beta 2/3, initial
-mask 0.5, (gamma, zeta) = (-0.1, 1.1).  Two departures, so that the defaults transfer across model
-sizes (``memloc.localize._masks``): the sparsity weight is per neuron (``DEFAULT_LAM`` = the
-authors' lambda 1000 on GPT2-XL's 300,800 masked neurons, 1000 / 300,800 = 3.3245e-3), and the
-early stop also requires the memorization loss near its clean value.  ``AUTHORS_SETTINGS`` restores
-the authors' parameterization (lambda 1000 on the mean, stop on sparsity alone).
+(terarachang/MemPi): IG 20 Riemann steps; SLIMMING and HARD CONCRETE Adam lr 1e-2, early stop
+once the (normalized) sparsity term < 0.1; HARD CONCRETE beta 2/3, initial mask 0.5,
+(gamma, zeta) = (-0.1, 1.1).  Departures, so that the defaults transfer across model sizes
+(``memloc.localize._masks``): the sparsity weight is per neuron (``DEFAULT_LAM`` = the authors'
+lambda 1000 on GPT2-XL's 300,800 masked neurons, 1000 / 300,800 = 3.3245e-3), the early stop also
+requires the memorization loss near its clean value, and the step cap is 500 (theirs: 5000).
+``AUTHORS_SETTINGS`` restores the authors' settings (lambda 1000 on the mean, stop on sparsity
+alone, 5000 steps).
 
 Note: the functions shadow their submodules' names (``memloc.localize.zero_out`` is the function);
 reach a submodule through ``sys.modules["memloc.localize.zero_out"]`` if needed.

@@ -63,7 +63,7 @@ DEFAULT_LAM = AUTHORS_LAM / GPT2_XL_MASKED_NEURONS
 #: ``lam_scale`` values: ``"per_neuron"`` (λ on the sum, Eq. 9 / 12 as printed) or ``"mean"`` (the authors' code).
 LAM_SCALES = ("per_neuron", "mean")
 #: The authors' released SLIMMING / HARD CONCRETE settings that differ from memloc's defaults.
-AUTHORS_SETTINGS = {"lam": AUTHORS_LAM, "lam_scale": "mean", "stop_mem_margin": None}
+AUTHORS_SETTINGS = {"lam": AUTHORS_LAM, "lam_scale": "mean", "stop_mem_margin": None, "max_steps": 5000}
 #: A run ends "collapsed" when the test-time mask averages below this over the masked neurons...
 COLLAPSED_MASK_MEAN = 0.1
 #: ...and the memorization loss under it is more than this many nats above its clean value.

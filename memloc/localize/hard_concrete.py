@@ -42,7 +42,7 @@ def l0_regularizer(log_m: Float[Tensor, "layer neuron"], beta: float, start_laye
 
 def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                   lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
-                  beta: float = 2 / 3, mask_init: float = 0.5, max_steps: int = 5000, stop_loss: float = 0.1,
+                  beta: float = 2 / 3, mask_init: float = 0.5, max_steps: int = 500, stop_loss: float = 0.1,
                   stop_mem_margin: float | None = 0.5, check_every: int = 10, start_layer: int = 0, seed: int = 0,
                   progress_bar: bool = True, history: list | None = None) -> Float[Tensor, "layer neuron"]:
     """HARD CONCRETE attribution (Chang et al. Eq. 12): learn ``log m^l`` for every FFN neuron,
@@ -62,8 +62,10 @@ def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
     lam_scale="mean", stop_mem_margin=None``, ``memloc.localize._masks.AUTHORS_SETTINGS``).
 
     Other defaults are the authors' released settings (MemPi: Adam, ``lr=1e-2``, ``beta=2/3``,
-    ``mask_p=0.5``, at most 5000 steps, early stop once ``R < stop_loss=0.1``, checked every 10
-    steps), except that by default the stop also requires the memorization loss to be within
+    ``mask_p=0.5``, early stop once ``R < stop_loss=0.1``, checked every 10 steps), except the
+    step cap (500; theirs 5000: at the per-neuron default the embedded model's expected L0 creeps
+    down by ~0.015 per 100 steps after step 500 and the DEL ranking no longer changes, measured on
+    dev paragraphs) and that by default the stop also requires the memorization loss to be within
     ``stop_mem_margin`` nats of its unmasked value (``None``: the authors' criterion), so training
     does not stop on a collapsed mask; a run that ends collapsed logs a WARNING.  The noise comes
     from a ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched), so results are

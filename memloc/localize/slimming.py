@@ -26,7 +26,7 @@ def l1_regularizer(mask: Float[Tensor, "layer neuron"], start_layer: int = 0) ->
 
 def slimming(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
              lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
-             max_steps: int = 5000, stop_loss: float = 0.1, stop_mem_margin: float | None = 0.5,
+             max_steps: int = 500, stop_loss: float = 0.1, stop_mem_margin: float | None = 0.5,
              check_every: int = 10, start_layer: int = 0, progress_bar: bool = True,
              history: list | None = None) -> Float[Tensor, "layer neuron"]:
     """SLIMMING attribution (Chang et al. Eq. 9): learn a mask ``m^l`` on every FFN hidden state
@@ -45,7 +45,8 @@ def slimming(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     (the embedded model: 98×, every mask collapses).
 
     Other defaults are the authors' released settings (MemPi ``downstream.py``; A.7 gives no
-    numbers): Adam, ``lr=1e-2``, at most 5000 steps, stopping once the mean mask drops below
+    numbers): Adam, ``lr=1e-2``, at most 500 steps (theirs: 5000; at the per-neuron default the
+    embedded model's masks settle within ~200 steps, measured), stopping once the mean mask drops below
     ``stop_loss=0.1`` (checked every 10 steps) -- and, by default, only while the memorization
     loss is within ``stop_mem_margin`` nats of its unmasked value, so that training does not stop
     on a collapsed mask (``None``: the authors' criterion).  A run that ends collapsed logs a
