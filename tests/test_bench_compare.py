@@ -41,6 +41,7 @@ def test_cli_bench_del_compare_tuned(tmp_path, capsys, monkeypatch):
     assert "lam" not in plain and "lam_scale" not in plain and plain["max_steps"] == 3
     assert tuned_call["lam"] == tuned["lam"] == 30.0 and tuned_call["lam_scale"] == "mean"
     assert tuned_call["beta"] == pytest.approx(1 / 3) and tuned_call["max_steps"] == 3
+    assert tuned_call["stop_mem_margin"] is None  # selected under the authors' stop criterion
     assert plain["start_layer"] == tuned_call["start_layer"] == 1  # the DEL setting (A.8)
     printed = capsys.readouterr().out
     assert "hard_concrete (tuned)" in printed

@@ -303,7 +303,7 @@ def test_hard_concrete_seeded_and_in_range(small_models, unchanged):
 def test_hard_concrete_early_stop_and_loss(tiny, memorized):
     x = memorized[1]
     hist: list = []
-    s = loc.hard_concrete(tiny, x, 50, max_steps=200, stop_loss=0.8, history=hist, **AUTHORS_SETTINGS, **FAST)
+    s = loc.hard_concrete(tiny, x, 50, stop_loss=0.8, history=hist, **{**AUTHORS_SETTINGS, "max_steps": 200}, **FAST)
     regs = [h[2] for h in hist]
     assert regs[-1] < 0.8 <= regs[-11] and len(hist) < 200
     assert regs[0] == pytest.approx(1 / (1 + math.exp(2 / 3 * math.log(0.1 / 1.1))), rel=1e-5)
@@ -503,7 +503,7 @@ def test_collapse_warning_with_authors_settings(tiny, memorized, caplog):
     """The authors' λ = 1000 on the mean (98x the per-neuron pressure of GPT2-XL) collapses the
     embedded model's masks; their stop criterion then ends training there, and a WARNING says so."""
     x = memorized[0]
-    s, hist, warned = _collapsed_run(tiny, x, caplog, max_steps=300, **AUTHORS_SETTINGS)
+    s, hist, warned = _collapsed_run(tiny, x, caplog, **{**AUTHORS_SETTINGS, "max_steps": 300})
     assert len(hist) < 300 and hist[-1][2] < 0.1  # stopped early on sparsity alone...
     assert hist[-1][1] > hist[0][1] + 1.0  # ...with the memorization loss far above its clean value
     assert s[1:].mean() < 0.1 and _masked_mem_loss(tiny, x, {l: s[l] for l in (1, 2, 3)}) > hist[0][1] + 1.0
