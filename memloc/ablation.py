@@ -24,8 +24,8 @@ def _check_scores(scores: Any) -> Tensor:
     if not isinstance(scores, Tensor) or scores.ndim != 2 or not scores.dtype.is_floating_point:
         raise ValueError(f"scores must be a 2-D float tensor [layer, neuron], got "
                          f"{type(scores).__name__} {getattr(scores, 'shape', '')}")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
+    if torch.isnan(scores).all():
+        raise ValueError("scores are NaN everywhere: no neuron is scored (NaN marks an unscored neuron)")
     return scores
 
 
@@ -42,6 +42,14 @@ def select_top_k(scores: Float[Tensor, "layer neuron"], ratio: float, *, per_lay
     layer; ``per_layer=False`` takes the top round(ratio * n_neurons) across all included layers
     (Chang et al. A.9).  Layers in ``exclude_layers`` (e.g. ``[0]``, the DEL default of A.8) get
     none and do not count towards the across-layer budget.  Ties break towards lower indices.
+
+    NaN marks an *unscored* neuron (a partial map, e.g. ``zero_out(..., layers=[2],
+    neurons=range(64))``): selection is among the scored neurons only, and ``ratio`` is a fraction
+    of them -- round(ratio * n_scored(l)) (at least 1) in a layer with n_scored(l) scored neurons,
+    or round(ratio * all scored neurons of the included layers) across layers; a layer with no
+    scored neuron (a row of NaN) selects nothing.  E.g. 64 scored neurons of layer 2 at
+    ``ratio=0.05`` select the top round(3.2) = 3 of them and nothing elsewhere.  Raises
+    ValueError if every neuron is NaN.
     """
     scores = _check_scores(scores)
     check_fraction(ratio, "ratio")
@@ -54,15 +62,22 @@ def select_top_k(scores: Float[Tensor, "layer neuron"], ratio: float, *, per_lay
         raise ValueError("exclude_layers excludes every layer")
     mask = torch.zeros(n_layers, d, dtype=torch.bool, device=scores.device)
     s = scores.detach().float()
+    scored = ~torch.isnan(s)
     if per_layer:
-        k = n_selected(ratio, d)
         for l in keep:
-            order = torch.argsort(s[l], descending=True, stable=True)
-            mask[l, order[:k]] = True
+            n = int(scored[l].sum())
+            if n == 0:
+                continue
+            # NaN sorts last whatever the direction: rank only the scored entries
+            idx = scored[l].nonzero().flatten()
+            order = idx[torch.argsort(s[l, idx], descending=True, stable=True)]
+            mask[l, order[:n_selected(ratio, n)]] = True
     else:
         sub = s[keep].flatten()
-        k = n_selected(ratio, sub.numel())
-        order = torch.argsort(sub, descending=True, stable=True)[:k]
+        idx = (~torch.isnan(sub)).nonzero().flatten()
+        if len(idx) == 0:
+            return mask
+        order = idx[torch.argsort(sub[idx], descending=True, stable=True)][:n_selected(ratio, len(idx))]
         rows = torch.tensor(keep, device=scores.device)[order // d]
         mask[rows, order % d] = True
     return mask

@@ -145,12 +145,23 @@ def tuned_hyperparameters(name: str = "tiny") -> dict[str, dict]:
     """The embedded model's dev-set-selected localization hyperparameters (Chang et al. A.7),
     ``{method: {kwarg: value}}``, written by ``scripts/tune_tiny.py`` with
     :func:`memloc.benchmarks.tune_del`.  ``memloc reproduce`` and ``memloc bench`` use them on
-    the embedded model; other models: run ``tune_del`` on a dev set of their own."""
+    the embedded model; other models: run ``tune_del`` on a dev set of their own.
+
+    A stored ``lam`` without a ``lam_scale`` is in the authors' parameterization (λ on the
+    sparsity term *averaged* over the masked neurons: the record predates the per-neuron default),
+    so the returned dict adds ``lam_scale="mean"`` to it: e.g. HARD CONCRETE's ``lam=30`` is 30 on
+    the mean over the 3,072 masked neurons, i.e. 30 / 3,072 = 9.8e-3 per neuron.  The selection ran
+    under the authors' stop criterion (sparsity alone), so it also gets ``stop_mem_margin=None``.
+    Passing the dict to the method therefore reproduces the selection exactly."""
     path, data = _tuning_record(name)
     methods = data.get("methods")
     if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
         raise ValueError(f"{path} has no 'methods' table {{method: {{kwarg: value}}}}")
-    return {m: dict(kw) for m, kw in methods.items()}
+    scale = data.get("lam_scale", "mean")
+    # the selection ran under the authors' stop criterion (sparsity alone): keep it
+    stop = data.get("stop_mem_margin", None)
+    return {m: {**kw, "lam_scale": kw.get("lam_scale", scale), "stop_mem_margin": kw.get("stop_mem_margin", stop)}
+            if "lam" in kw else dict(kw) for m, kw in methods.items()}
 
 
 def tuning_dev_ids(name: str = "tiny") -> list[int]:

@@ -47,9 +47,11 @@ def main(argv=None) -> None:
     dev = tokens[-args.n_dev:]
     dev_ids = table["id"].tolist()[-args.n_dev:]
     out = {"protocol": "Chang et al. A.7: dev-set selection by mean DEL ΔSelf-Acc (memloc.benchmarks.tune_del)",
-           "script": "scripts/tune_tiny.py", "dev_ids": dev_ids, "ratio": args.ratio, "methods": {}, "grid": {}}
+           "script": "scripts/tune_tiny.py", "dev_ids": dev_ids, "ratio": args.ratio,
+           # lam is on the mean over the masked neurons (the authors' parameterization), as the grid was set up
+           "lam_scale": "mean", "methods": {}, "grid": {}}
     for name in args.methods.split(","):
-        res = tune_del(model, name, GRIDS[name], dev, prefix_len, ratio=args.ratio,
+        res = tune_del(model, name, GRIDS[name], dev, prefix_len, ratio=args.ratio, base_kwargs={"lam_scale": "mean"},
                        random_tokens=random_sequences("tiny")[:8])
         out["methods"][name] = res.best
         out["grid"][name] = res.table.round(6).to_dict(orient="records")

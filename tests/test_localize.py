@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 import memloc.localize as loc
 from memloc import load_model
-from memloc.localize import METHODS
+from memloc.localize import AUTHORS_SETTINGS, METHODS
 from memloc.models import neuron_hook_name
 
 from memloc.localize.reference import (reference_attribution_patching, reference_integrated_gradients,
@@ -272,7 +272,9 @@ def test_slimming_trains_and_stops(tiny, memorized, unchanged):
     x = memorized[0]
     hist: list = []
     with unchanged(tiny):
-        s = loc.slimming(tiny, x, 50, max_steps=80, lam=1000.0, stop_loss=0.7, history=hist, **FAST)
+        # the authors' parameterization and stop criterion stay reachable
+        s = loc.slimming(tiny, x, 50, max_steps=80, lam=1000.0, lam_scale="mean", stop_mem_margin=None,
+                         stop_loss=0.7, history=hist, **FAST)
     assert s.shape == (4, 1024) and s.min() >= 0 and s.max() <= 1
     regs = [h[2] for h in hist]
     assert regs[-1] < 0.7 <= regs[-11] and len(hist) % 10 == 0 and len(hist) < 80  # early stop at a check
@@ -306,7 +308,7 @@ def test_hard_concrete_seeded_and_in_range(small_models, unchanged):
 def test_hard_concrete_early_stop_and_loss(tiny, memorized):
     x = memorized[1]
     hist: list = []
-    s = loc.hard_concrete(tiny, x, 50, max_steps=200, stop_loss=0.8, history=hist, **FAST)
+    s = loc.hard_concrete(tiny, x, 50, stop_loss=0.8, history=hist, **{**AUTHORS_SETTINGS, "max_steps": 200}, **FAST)
     regs = [h[2] for h in hist]
     assert regs[-1] < 0.8 <= regs[-11] and len(hist) < 200
     assert regs[0] == pytest.approx(1 / (1 + math.exp(2 / 3 * math.log(0.1 / 1.1))), rel=1e-5)
@@ -379,6 +381,28 @@ def test_bad_inputs_raise_before_work(small_models, name, what, make, unchanged)
     ("zero_out", dict(batch_size=0), "batch_size"),
     ("zero_out", dict(layers=[]), "layers"),
     ("slimming", dict(lam=-1.0), "lam"),
+    ("slimming", dict(lam=float("nan")), "lam"),
+    ("slimming", dict(lam=float("inf")), "lam"),
+    ("slimming", dict(lam="1"), "lam"),
+    ("slimming", dict(lam_scale="sum"), "lam_scale"),
+    ("slimming", dict(lr=float("nan")), "lr"),
+    ("slimming", dict(lr=-0.1), "lr"),
+    ("slimming", dict(stop_loss=1.5), "stop_loss"),
+    ("slimming", dict(stop_loss=-0.1), "stop_loss"),
+    ("slimming", dict(stop_mem_margin=-1.0), "stop_mem_margin"),
+    ("slimming", dict(stop_mem_margin="0.5"), "stop_mem_margin"),
+    ("slimming", dict(check_every=0), "check_every"),
+    ("slimming", dict(max_steps=2.5), "max_steps"),
+    ("hard_concrete", dict(lam=-3.0), "lam"),
+    ("hard_concrete", dict(lam_scale=None), "lam_scale"),
+    ("hard_concrete", dict(lr=0.0), "lr"),
+    ("hard_concrete", dict(beta=float("inf")), "beta"),
+    ("hard_concrete", dict(beta=-1.0), "beta"),
+    ("hard_concrete", dict(mask_init=0.0), "mask_init"),
+    ("hard_concrete", dict(mask_init=float("nan")), "mask_init"),
+    ("hard_concrete", dict(stop_loss=2.0), "stop_loss"),
+    ("hard_concrete", dict(stop_mem_margin=float("nan")), "stop_mem_margin"),
+    ("hard_concrete", dict(start_layer=-1), "start_layer"),
     ("slimming", dict(lr=0), "lr"),
     ("slimming", dict(start_layer=5), "start_layer"),
     ("hard_concrete", dict(beta=0), "beta"),
@@ -420,3 +444,113 @@ def test_model_restored_on_exception(small_models, name, target, kw, monkeypatch
     monkeypatch.setattr(sys.modules[module], attr, boom)
     with unchanged(m), pytest.raises(RuntimeError, match="boom"):
         METHODS[name](m, _tokens(m, 12), 6, **kw)
+
+
+# ---------------------------------------------------------------- mask sparsity: per-neuron lam, collapse
+def test_default_lam_arithmetic():
+    from memloc.localize._masks import AUTHORS_LAM, GPT2_XL_MASKED_NEURONS, penalty_weight
+
+    assert GPT2_XL_MASKED_NEURONS == 47 * 6400 == 300_800
+    assert loc.DEFAULT_LAM == pytest.approx(1000 / 300_800) == pytest.approx(3.3245e-3, rel=1e-4)
+    # per neuron: the weight on the mean penalty is lam * N -- the authors' 1000 on GPT2-XL...
+    assert penalty_weight(loc.DEFAULT_LAM, "per_neuron", 300_800) == pytest.approx(AUTHORS_LAM)
+    # ...10.2 on the embedded model's 3 layers x 1024 DEL neurons, 1134 on a 7B Llama's 31 x 11008
+    assert penalty_weight(loc.DEFAULT_LAM, "per_neuron", 3 * 1024) == pytest.approx(3072 / 300.8)
+    assert penalty_weight(loc.DEFAULT_LAM, "per_neuron", 31 * 11008) == pytest.approx(1134.4, abs=0.1)
+    # the authors' parameterization: lam on the mean whatever N
+    assert penalty_weight(1000.0, "mean", 3072) == penalty_weight(1000.0, "mean", 300_800) == 1000.0
+    with pytest.raises(ValueError, match="lam_scale"):
+        penalty_weight(1.0, "sum", 10)
+
+
+class _GradRecorder(torch.optim.Adam):
+    """Adam that records the gradient of its (single) parameter at every step and never moves it."""
+    grads: list = []
+
+    def step(self, closure=None):
+        _GradRecorder.grads.append(self.param_groups[0]["params"][0].grad.detach().clone())
+
+
+@pytest.mark.parametrize("method", ["slimming", "hard_concrete"])
+def test_per_neuron_pressure_is_equal_across_model_sizes(tiny, small_models, method, monkeypatch):
+    """With the memorization loss switched off, the penalty's gradient on each mask entry is
+    ``lam`` x dr_i/dθ_i whatever the model size with ``lam_scale="per_neuron"``, and ``lam / N`` with
+    ``"mean"`` (hand-computed): N = 3 x 1024 = 3072 (embedded, start_layer=1) vs 2 x 256 = 512 (small)."""
+    import memloc.localize._masks as masks
+
+    monkeypatch.setattr(masks.torch.optim, "Adam", _GradRecorder)
+    monkeypatch.setattr(masks, "memorization_loss", lambda logits, target: logits.sum(dim=(1, 2)) * 0.0)
+    # hard concrete: dR/dlog m = σ'(log m - C) at the initial log m = logit(0.5) = 0, C = β log(-γ/ζ)
+    c = 2 / 3 * math.log(0.1 / 1.1)
+    sig = 1 / (1 + math.exp(c))
+    dr = 1.0 if method == "slimming" else sig * (1 - sig)
+    lam = 0.01
+    for model, start, n in ((tiny, 1, 3072), (small_models["gpt2"], 0, 512)):
+        x = torch.randint(0, model.cfg.d_vocab, (12,))
+        for scale, per_neuron in (("per_neuron", lam), ("mean", lam / n)):
+            _GradRecorder.grads = []
+            METHODS[method](model, x, 6, lam=lam, lam_scale=scale, max_steps=2, start_layer=start, **FAST)
+            g = _GradRecorder.grads[0]
+            assert torch.allclose(g[start:], torch.full_like(g[start:], per_neuron * dr), rtol=1e-5), (scale, n)
+            assert (g[:start] == 0).all()
+
+
+def _collapsed_run(tiny, x, caplog, **kw):
+    import logging
+
+    hist: list = []
+    with caplog.at_level(logging.WARNING, logger="memloc.localize"):
+        s = loc.slimming(tiny, x, 50, start_layer=1, history=hist, **kw, **FAST)
+    return s, hist, [r for r in caplog.records if "collapsed" in r.getMessage()]
+
+
+def test_collapse_warning_with_authors_settings(tiny, memorized, caplog):
+    """The authors' λ = 1000 on the mean (98x the per-neuron pressure of GPT2-XL) collapses the
+    embedded model's masks; their stop criterion then ends training there, and a WARNING says so."""
+    x = memorized[0]
+    s, hist, warned = _collapsed_run(tiny, x, caplog, **{**AUTHORS_SETTINGS, "max_steps": 300})
+    assert len(hist) < 300 and hist[-1][2] < 0.1  # stopped early on sparsity alone...
+    assert hist[-1][1] > hist[0][1] + 1.0  # ...with the memorization loss far above its clean value
+    assert s[1:].mean() < 0.1 and _masked_mem_loss(tiny, x, {l: s[l] for l in (1, 2, 3)}) > hist[0][1] + 1.0
+    assert len(warned) == 1 and "memorization loss" in warned[0].getMessage()
+    # with the memorization-loss condition the same pressure does not stop there (it runs to the cap)
+    caplog.clear()
+    _, hist2, warned2 = _collapsed_run(tiny, x, caplog, max_steps=150, lam=1000.0, lam_scale="mean")
+    assert len(hist2) == 150 and len(warned2) == 1  # ...and ends collapsed at the cap, with the WARNING
+
+
+def test_no_collapse_warning_when_memorization_is_kept(tiny, memorized, caplog):
+    # no sparsity pressure: the masks stay near 1, the memorization loss at its clean value, no warning
+    s, hist, warned = _collapsed_run(tiny, memorized[0], caplog, max_steps=20, lam=0.0)
+    assert not warned and s[1:].mean() > 0.5
+
+
+def _masked_mem_loss(model, x, masks):
+    """Memorization loss (Eq. 6) of ``x`` with ``h^l <- h^l * masks[l]`` for every layer in ``masks``."""
+    from memloc.metrics import teacher_forced
+
+    def hook(act, hook):
+        return act * masks[int(hook.name.split(".")[1])].to(act.dtype)
+
+    with model.hooks(fwd_hooks=[(neuron_hook_name(l), hook) for l in masks]):
+        return float(teacher_forced(model, x[None], 50)["nll"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["slimming", "hard_concrete"])
+def test_defaults_do_not_collapse_on_a_memorized_paragraph(tiny, memorized, method, caplog):
+    """The library defaults (per-neuron λ) on a memorized embedded paragraph, DEL setting: the
+    masks keep some neurons and the sequence memorized, and no collapse WARNING is logged."""
+    import logging
+
+    from memloc.metrics import teacher_forced
+
+    x = memorized[0]
+    clean = float(teacher_forced(tiny, x[None], 50)["nll"][0])
+    with caplog.at_level(logging.WARNING, logger="memloc.localize"):
+        s = METHODS[method](tiny, x, 50, start_layer=1, **FAST)
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
+    test_time = s if method == "slimming" else loc.hard_concrete_mask(torch.logit(s.double()), 2 / 3).float()
+    assert float(test_time[1:].mean()) > 0.05 and float((s[1:] > 0.5).float().mean()) > 0.02  # not all ~0
+    mem = _masked_mem_loss(tiny, x, {l: test_time[l] for l in (1, 2, 3)})
+    assert mem < clean + 1.0

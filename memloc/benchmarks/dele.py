@@ -304,7 +304,11 @@ def del_table(rows: pd.DataFrame | DelResult) -> pd.DataFrame:
                           "d_neg_dist": "ΔNeg-Dist", "d_rand_ppl": "ΔRand-PPL"})
     t = t.unstack("ratio")
     names = list(dict.fromkeys(rows["method"]))
-    order = [m for m in PAPER_ORDER if m in names] + [m for m in names if m not in PAPER_ORDER]
+    # a variant row such as "hard_concrete (tuned)" (``memloc bench del --compare-tuned``) follows its method
+    base = {n: n.split(" (")[0] for n in names}
+    rank = {m: i for i, m in enumerate(PAPER_ORDER)}
+    order = sorted(names, key=lambda n: (rank.get(base[n], len(PAPER_ORDER)), names.index(base[n])
+                                         if base[n] in names else names.index(n), n != base[n], names.index(n)))
     t = t.reindex(order)
     t.columns = t.columns.set_names(["metric", "ratio"])
     return t

@@ -35,8 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument("--method-kwargs", default=None,
                    help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"steps": 200}}\'')
     p.add_argument("--authors-defaults", action="store_true",
-                   help="on the embedded model, use the authors' released SLIMMING / HARD CONCRETE settings instead "
-                        "of the model's dev-set selection (memloc.data.tuned_hyperparameters)")
+                   help="use the authors' released SLIMMING / HARD CONCRETE settings (lam=1000 on the mean over the "
+                        "masked neurons, stop on sparsity alone) instead of the embedded model's dev-set selection "
+                        "(memloc.data.tuned_hyperparameters) or memloc's per-neuron defaults")
+    p.add_argument("--compare-tuned", action="store_true",
+                   help="embedded model: rows 'METHOD' with memloc's library defaults and 'METHOD (tuned)' with the "
+                        "dev-set selection, for every method that has one (SLIMMING, HARD CONCRETE)")
     p.add_argument("--json", default=None, help="write the tidy rows (and the table) to this JSON file")
     p.add_argument("--cache-dir", default=None, help="cache attribution scores in this directory")
     p.add_argument("--max-steps", type=int, default=500, help="INJ: step cap of the injection fine-tuning")
@@ -64,6 +68,22 @@ def _kwargs(arg) -> dict | None:
     return out
 
 
+def _merge(tuned: dict, user: dict | None) -> dict:
+    """The tuned kwargs under the user's: a user ``lam`` without ``lam_scale`` is in memloc's default
+    (per-neuron) scale, so it drops the tuned record's ``lam_scale="mean"``."""
+    user = dict(user or {})
+    out = {**tuned, **user}
+    if "lam" in user and "lam_scale" not in user:
+        out.pop("lam_scale", None)
+    return out
+
+
+def _resolve(methods: list[str]) -> dict:
+    from ..benchmarks._scores import resolve_methods
+
+    return resolve_methods(methods)
+
+
 def run(args) -> int:
     import pandas as pd
 
@@ -74,16 +94,31 @@ def run(args) -> int:
     kwargs = _kwargs(args.method_kwargs)
     if args.n is not None and args.n <= 0:
         raise ValueError(f"--n must be a positive int, got {args.n}")
+    tiny = args.model in (None, "tiny")
+    if args.compare_tuned and (args.authors_defaults or not tiny):
+        raise ValueError("--compare-tuned compares memloc's defaults with the embedded model's dev-set selection: "
+                         "use it with --model tiny and without --authors-defaults")
     model = load_model(args.model, device=args.device)
-    if args.model in (None, "tiny") and not args.authors_defaults:
+    user = kwargs or {}
+    if args.authors_defaults:
+        from ..localize._masks import AUTHORS_SETTINGS
+
+        kwargs = {**user, **{m: {**AUTHORS_SETTINGS, **(user.get(m) or {})}
+                             for m in ("slimming", "hard_concrete") if m in methods}}
+    elif tiny:
         from ..data import tuned_hyperparameters
 
-        tuned = {m: kw for m, kw in tuned_hyperparameters("tiny").items() if m in methods}
-        user = kwargs or {}
-        kwargs = {**user, **{m: {**kw, **(user.get(m) or {})} for m, kw in tuned.items()}}
+        tuned = {m: _merge(kw, user.get(m)) for m, kw in tuned_hyperparameters("tiny").items() if m in methods}
+        if args.compare_tuned:  # plain rows: library defaults; '(tuned)' rows: the dev-set selection
+            fns = _resolve(methods)
+            extra = {f"{m} (tuned)": fns[m] for m in tuned}
+            methods = {**fns, **extra}
+            kwargs = {**user, **{f"{m} (tuned)": kw for m, kw in tuned.items()}}
+        else:
+            kwargs = {**user, **tuned}
         if tuned:
             print("dev-set-selected hyperparameters (Chang et al. A.7): "
-                  + "; ".join(f"{m} {kw}" for m, kw in kwargs.items() if m in tuned))
+                  + "; ".join(f"{m} {kw}" for m, kw in tuned.items()))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.2f}".format):
         if args.benchmark == "inj":
             ratios = args.ratio or list(DEFAULT_INJ_RATIOS)

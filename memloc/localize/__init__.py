@@ -7,9 +7,14 @@ scores over the FFN neurons ``blocks.{l}.mlp.hook_post`` for one sequence (``[se
 ``METHODS`` maps names to the functions so benchmarks can iterate over them.
 
 Defaults follow the paper and, where A.7 gives no numbers, the authors' released code
-(terarachang/MemPi): IG 20 Riemann steps; SLIMMING and HARD CONCRETE Adam lr 1e-2, lambda 1000,
-at most 5000 steps with early stop once the (normalized) sparsity term < 0.1; HARD CONCRETE
-beta 2/3, initial mask 0.5, (gamma, zeta) = (-0.1, 1.1).
+(terarachang/MemPi): IG 20 Riemann steps; SLIMMING and HARD CONCRETE Adam lr 1e-2, early stop
+once the (normalized) sparsity term < 0.1; HARD CONCRETE beta 2/3, initial mask 0.5,
+(gamma, zeta) = (-0.1, 1.1).  Departures, so that the defaults transfer across model sizes
+(``memloc.localize._masks``): the sparsity weight is per neuron (``DEFAULT_LAM`` = the authors'
+lambda 1000 on GPT2-XL's 300,800 masked neurons, 1000 / 300,800 = 3.3245e-3), the early stop also
+requires the memorization loss near its clean value, and the step cap is 500 (theirs: 5000).
+``AUTHORS_SETTINGS`` restores the authors' settings (lambda 1000 on the mean, stop on sparsity
+alone, 5000 steps).
 
 Note: the functions shadow their submodules' names (``memloc.localize.zero_out`` is the function);
 reach a submodule through ``sys.modules["memloc.localize.zero_out"]`` if needed.
@@ -26,9 +31,11 @@ from .integrated_gradients import integrated_gradients
 from .random_baseline import random_scores
 from .slimming import l1_regularizer, slimming
 from .zero_out import zero_out
+from ._masks import AUTHORS_SETTINGS, DEFAULT_LAM
 
 __all__ = ["METHODS", "activations", "integrated_gradients", "zero_out", "slimming", "hard_concrete",
-           "random_scores", "attribution_patching", "hard_concrete_mask", "l0_regularizer", "l1_regularizer"]
+           "random_scores", "attribution_patching", "hard_concrete_mask", "l0_regularizer", "l1_regularizer",
+           "AUTHORS_SETTINGS", "DEFAULT_LAM"]
 
 #: Method name -> localization function (``"ig"`` is an alias of ``"integrated_gradients"``).
 METHODS: dict[str, Callable] = {
