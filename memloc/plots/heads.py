@@ -30,9 +30,20 @@ def _matrix(values: Any, what: str) -> np.ndarray:
     return arr
 
 
+def _default_colorbar_title(panel: str) -> str:
+    """A unit for a Fig. 6 panel named like the reproduce pipeline names them."""
+    name = panel.lower()
+    if "attention" in name:
+        return "attention<br>weight"
+    if "gradient" in name:
+        return "max |∂NLL/∂act|<br>(nats per unit<br>activation)"
+    return "value"
+
+
 def head_token_heatmaps(values: Float[Tensor, "head position"] | pd.DataFrame | Mapping[str, Any],
                         token_labels: Sequence[str] | None = None, title: str = "", *,
-                        colorscale: str = "Blues") -> go.Figure:
+                        colorscale: str = "Blues",
+                        colorbar_titles: str | Sequence[str] | Mapping[str, str] | None = None) -> go.Figure:
     """Per-head heatmaps over the prefix tokens (Stoehr et al. Fig. 6).
 
     Args:
@@ -46,6 +57,10 @@ def head_token_heatmaps(values: Float[Tensor, "head position"] | pd.DataFrame | 
             tokens stay separate columns).
         title: figure title.
         colorscale: plotly colorscale.
+        colorbar_titles: what each panel's colour bar measures, with its unit: one string, one
+            per panel (sequence in panel order or ``{panel title: text}``); default from the
+            panel title: "attention weight" for attention panels, "max |∂NLL/∂act| (nats per unit
+            activation)" for gradient panels (``activation_gradients`` with ``pooling="max"``).
 
     Returns:
         A plotly Figure, heads on the y axis (H0 at the top), tokens on the x axis.
@@ -62,6 +77,21 @@ def head_token_heatmaps(values: Float[Tensor, "head position"] | pd.DataFrame | 
         token_labels = [str(t) for t in token_labels]
         if len(token_labels) != width:
             raise ValueError(f"token_labels has {len(token_labels)} labels for {width} positions")
+    names = list(mats)
+    if colorbar_titles is None:
+        cb = {k: _default_colorbar_title(k) for k in names}
+    elif isinstance(colorbar_titles, str):
+        cb = {k: colorbar_titles for k in names}
+    elif isinstance(colorbar_titles, Mapping):
+        missing = [k for k in names if k not in colorbar_titles]
+        if missing:
+            raise ValueError(f"colorbar_titles has no entry for panels {missing}")
+        cb = {k: str(colorbar_titles[k]) for k in names}
+    else:
+        cb_list = [str(t) for t in colorbar_titles]
+        if len(cb_list) != len(names):
+            raise ValueError(f"colorbar_titles has {len(cb_list)} entries for {len(names)} panels")
+        cb = dict(zip(names, cb_list))
     fig = make_subplots(rows=len(mats), cols=1, shared_xaxes=True, subplot_titles=list(mats) if len(mats) > 1 else None,
                         vertical_spacing=0.08)
     x = list(range(width))
@@ -73,7 +103,9 @@ def head_token_heatmaps(values: Float[Tensor, "head position"] | pd.DataFrame | 
             text = [token_labels] * m.shape[0]
             hover = "head %{y}<br>position %{x} (%{text})<br>value %{z:.4g}<extra></extra>"
         fig.add_trace(go.Heatmap(z=m, x=x, y=heads, colorscale=colorscale, text=text, hovertemplate=hover,
-                                 colorbar=dict(len=1 / len(mats), y=1 - (i - 0.5) / len(mats)), name=name or "values"),
+                                 colorbar=dict(len=0.9 / len(mats), y=1 - (i - 0.5) / len(mats),
+                                               title=dict(text=cb[name], font=dict(size=12))),
+                                 name=name or "values"),
                       row=i, col=1)
         fig.update_yaxes(autorange="reversed", row=i, col=1)
     if token_labels is not None:
