@@ -368,3 +368,34 @@ def test_top_gradient_mask_beats_random_on_tiny(tiny, tiny_paragraphs, unchanged
     assert final["unlearn", "top"] < final["unlearn", "random"] - 15, final
     assert final["unlearn", "top"] < 20, final
     assert final["edit", "top"] < final["edit", "random"] - 10, final
+
+
+def test_sparse_finetune_teacher_forced_em_equals_greedy(tiny, tiny_paragraphs, unchanged):
+    """Speed path: every EM of the trajectory (MP, NMP, edit target) read off the teacher-forced pass
+    equals the greedily decoded one, and a precomputed NMP continuation gives the same table."""
+    from memloc.metrics import greedy_continuation
+
+    em = tiny_paragraphs.table["em_ref"].to_numpy()
+    mp = tiny_paragraphs.tokens[np.flatnonzero(em == 50)[:3]]
+    nmp = tiny_paragraphs.tokens[np.flatnonzero(em <= 10)[:4]]
+    pmp = mp.clone()
+    pmp[:, 49] = (pmp[:, 49] + 7) % tiny.cfg.d_vocab                    # a perturbed prefix ...
+    pmp[:, 50:] = greedy_continuation(tiny, pmp, 50)                   # ... and its continuation
+    kw = dict(fraction=0.01, steps=2, lr=1e-2, seed=0, progress_bar=False)
+    with unchanged(tiny):
+        for objective, targets in (("unlearn", None), ("edit", pmp)):
+            for mask in ("top", "all"):
+                fast = sparse_finetune(tiny, mp, nmp, 50, objective=objective, edit_targets=targets, mask=mask, **kw)
+                slow = sparse_finetune(tiny, mp, nmp, 50, objective=objective, edit_targets=targets, mask=mask,
+                                       em_via="greedy", **kw)
+                pd.testing.assert_frame_equal(fast, slow)
+                if objective == "edit" and mask == "all":
+                    assert fast.edit_em.max() > fast[fast.step == 0].edit_em.max()   # the edit moves EM
+        ref = greedy_continuation(tiny, nmp, 50)
+        pre = sparse_finetune(tiny, mp, nmp, 50, mask="top", nonmemorized_continuation=ref, **kw)
+    pd.testing.assert_frame_equal(pre, sparse_finetune(tiny, mp, nmp, 50, mask="top", **kw))
+    assert set(fast.em[fast.split == "memorized"]) != {50}                  # EM changed: not a trivial case
+    with pytest.raises(ValueError, match="nonmemorized_continuation"):
+        sparse_finetune(tiny, mp, nmp, 50, nonmemorized_continuation=ref[:, :3], **kw)
+    with pytest.raises(ValueError, match="em_via"):
+        sparse_finetune(tiny, mp, nmp, 50, em_via="bogus", **kw)

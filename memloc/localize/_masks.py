@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._progress import progress
 from ..models import neuron_hook_name
-from ._common import memorization_loss, suffix_positions
+from ._common import memorization_loss, partial_forward, suffix_positions
 
 
 def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
@@ -24,6 +24,11 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
     once ``regularizer() < stop_loss``.  The model's weights are frozen (requires_grad off; the
     caller's ``borrowed`` restores the flags), the model stays in eval mode (no dropout, A.3).
     Returns the number of optimizer steps taken; appends (step, mem_loss, reg) to ``history``.
+
+    Fast path: the masks act on layers >= ``start_layer`` only and the loss reads the suffix
+    positions only, so each step re-runs blocks ``start_layer..L-1`` from the cached input of block
+    ``start_layer`` and unembeds only the suffix positions (:func:`~memloc.localize._common.partial_forward`,
+    checked against a full forward once; identical logits).
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -37,12 +42,13 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
         return act * mask_fn(l).to(act.dtype)
 
     hooks = [(neuron_hook_name(l), hook) for l in range(start_layer, model.cfg.n_layers)]
+    fast = partial_forward(model, tokens, start_layer, pos, what=desc)
     steps = 0
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
         for step in progress(range(max_steps), enabled=progress_bar, desc=desc):
             opt.zero_grad(set_to_none=True)
-            logits = model(tokens)
-            mem = memorization_loss(logits[:, pos], target)[0]
+            logits = fast() if fast is not None else model(tokens)[:, pos]
+            mem = memorization_loss(logits, target)[0]
             reg = regularizer()
             if history is not None:
                 history.append((step, float(mem.detach()), float(reg.detach())))
