@@ -365,21 +365,44 @@ def _batched(fn: Any, model: Any, seqs: list[Tensor], prefix_len: int, batch_siz
     return [fn(s, prefix_len, batch_size) for s in seqs]
 
 
+def _eval_inputs(mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor, edit_seq: Tensor | None) -> list[Tensor]:
+    """The teacher-forced inputs of :func:`_evaluate`: MPs, NMP prefix + original continuation, edit sequences."""
+    nmp_seq = torch.cat([nmp[:, :prefix_len], nmp_ref.to(nmp.device)], dim=1)
+    return [mp, nmp_seq] + ([edit_seq] if edit_seq is not None else [])
+
+
+def _tf_partial(fwd: Any, tokens: Tensor, prefix_len: int, batch_size: int) -> dict[str, Tensor]:
+    """``teacher_forced`` statistics (nll, em) from a partial forward over ``tokens`` (same rows)."""
+    target = tokens[:, prefix_len:]
+    nll, argmax = [], []
+    for i in range(0, len(tokens), batch_size):
+        logits = fwd(fwd.resid[i:i + batch_size]).float()
+        nll.append(F.cross_entropy(logits.transpose(1, 2), target[i:i + batch_size], reduction="none").mean(1).cpu())
+        argmax.append(logits.argmax(-1).cpu())
+    return {"nll": torch.cat(nll), "em": em_from_generations(torch.cat(argmax), target)}
+
+
 def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor,
-              edit_seq: Tensor | None, batch_size: int, em_via: str = "teacher_forced") -> list[dict]:
+              edit_seq: Tensor | None, batch_size: int, em_via: str = "teacher_forced",
+              fwd: Any = None) -> list[dict]:
     """Per-paragraph EM and NLL at one step: MPs against their true continuation, NMPs against the
     model's original greedy continuation ``nmp_ref``, edit targets (if any) against theirs.
 
     ``em_via="teacher_forced"`` reads every EM off the one teacher-forced pass that also gives
     the NLLs (:func:`memloc.metrics.exact_match_teacher_forced`: the greedy continuation of a
     prefix matches a reference continuation exactly as far as the teacher-forced argmax on
-    prefix + reference does); ``"greedy"`` decodes T tokens per prefix (the slow reference)."""
-    nmp_seq = torch.cat([nmp[:, :prefix_len], nmp_ref.to(nmp.device)], dim=1)
+    prefix + reference does); ``"greedy"`` decodes T tokens per prefix (the slow reference).
+    ``fwd``: a :func:`memloc.localize._common.partial_forward` over ``torch.cat`` of these inputs
+    (built once per run: the embeddings are not trained, so the input of block 0 never changes)."""
     same_prefix = edit_seq is not None and torch.equal(edit_seq[:, :prefix_len], mp[:, :prefix_len])
-    nll_in = [mp, nmp_seq] + ([edit_seq] if edit_seq is not None else [])
+    nll_in = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
     tf = lambda x, p, b: teacher_forced(model, x, p, batch_size=b)  # noqa: E731
     with torch.no_grad():
-        if len({x.shape[1] for x in nll_in}) == 1:
+        if fwd is not None:
+            out = _tf_partial(fwd, torch.cat(nll_in), prefix_len, batch_size)
+            sizes = [len(x) for x in nll_in]
+            parts = [{k: v for k, v in zip(out, vals)} for vals in zip(*(torch.split(v, sizes) for v in out.values()))]
+        elif len({x.shape[1] for x in nll_in}) == 1:
             out = tf(torch.cat(nll_in), prefix_len, batch_size)
             sizes = [len(x) for x in nll_in]
             parts = [{k: v for k, v in zip(out, vals)} for vals in zip(*(torch.split(v, sizes) for v in out.values()))]
@@ -480,6 +503,14 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
     return (df, state) if return_state else df
 
 
+def _co_from_logits(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Tensor, prefix_len: int,
+                    objective: str) -> Tensor:
+    """Stoehr Eq. 3 / 4 from continuation logits (the arithmetic of :func:`contrastive_loss`)."""
+    nll = _mean_nll(target_logits, target[:, prefix_len:])
+    kl = _mean_kl(nmp_logits, ref)
+    return (-nll if objective == "unlearn" else nll) + kl
+
+
 def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, steps, lr, seed, edit_seq,
                      n_nmp_per_batch, batch_size, eval_every, return_state, progress_bar, nmp_ref=None,
                      em_via="teacher_forced"):
@@ -509,7 +540,25 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
                 params[n].requires_grad_(False)
         opt = torch.optim.Adam([params[n] for n in trainable], lr=float(lr), weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via)
+        # Fast path: the embeddings are not trained, so the input of block 0 is fixed; the training
+        # loss and the evaluation re-run the blocks from it and unembed only the continuation
+        # positions (partial_forward, checked once against a full forward; else full forwards).
+        from .localize._common import partial_forward
+
+        target = mp if objective == "unlearn" else edit_seq
+        seq = nmp.shape[1]
+        cont = slice(prefix_len - 1, seq - 1)
+        train_fwd = eval_fwd = None
+        in_blocks = {id(q) for q in model.blocks.parameters()}
+        if not all(id(params[n]) in in_blocks for n in names):
+            logger.warning("sparse_finetune: some trained weights lie outside the transformer blocks; using full "
+                           "forwards (slower)")
+        elif target.shape[1] == seq:
+            train_fwd = partial_forward(model, torch.cat([target, nmp]), 0, cont, what="sparse fine-tuning")
+            ev = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
+            if em_via == "teacher_forced" and len({x.shape[1] for x in ev}) == 1:
+                eval_fwd = partial_forward(model, torch.cat(ev), 0, cont, what="sparse fine-tuning evaluation")
+        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
         losses = []
         for step in progress(range(1, steps + 1), enabled=progress_bar, desc=f"sparse {objective} ({mask})",
                              total=steps):
@@ -518,8 +567,14 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             else:
                 idx = torch.randperm(len(nmp), generator=gen)[:n_nmp_per_batch].to(nmp.device)
             opt.zero_grad(set_to_none=True)
-            loss = contrastive_loss(model, mp, prefix_len, nmp[idx], objective=objective, edit_targets=edit_seq,
-                                    reference_logits=ref[idx])
+            if train_fwd is not None:
+                sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
+                logits = train_fwd(train_fwd.resid[sel]).float()
+                loss = _co_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len,
+                                       objective)
+            else:
+                loss = contrastive_loss(model, mp, prefix_len, nmp[idx], objective=objective, edit_targets=edit_seq,
+                                        reference_logits=ref[idx])
             loss.backward()
             with torch.no_grad():
                 for n in trainable:
@@ -529,7 +584,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             opt.step()
             losses.append(float(loss.detach()))
             if step % eval_every == 0 or step == steps:
-                rows += _evaluate(model, step, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via)
+                rows += _evaluate(model, step, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
         opt.zero_grad(set_to_none=True)
         state = None
         if return_state:

@@ -426,7 +426,7 @@ def test_mask_training_partial_forward_equals_full_forward(tiny, memorized, unch
     x = memorized[0]
     fn = getattr(loc, method)
     kw = dict(max_steps=12, start_layer=1, seed=3, **FAST) if method == "hard_concrete" else \
-        dict(max_steps=12, start_layer=1, **FAST)
+        dict(max_steps=12, start_layer=1, lam=0.0, lr=0.05, **FAST)   # lam = 0: moves follow the loss
     used = []
     real = M.partial_forward
 
@@ -441,7 +441,7 @@ def test_mask_training_partial_forward_equals_full_forward(tiny, memorized, unch
     monkeypatch.setattr(M, "partial_forward", lambda *a, **k: None)   # the full-forward reference
     slow = fn(tiny, x, 50, **kw)
     assert used == [True]
-    assert not torch.allclose(fast[1:], torch.full_like(fast[1:], float(fast[1, 0])))  # trained, not constant
+    assert fast[1:].unique().numel() > 1                                # trained, not constant
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 

@@ -155,7 +155,7 @@ class _DropoutMeasurer:
     suffix-predicting ones for Self/Neg, all but the last for Rand-PPL).  The masks are applied
     row-wise (one mask per copy of the set in the batch) by a multiplicative hook at
     ``blocks.{l}.mlp.hook_post`` (zero: ``h * keep``; mean: ``h * keep + mean * (1 - keep)``), so
-    the three ratios of one (method, target) run as one batched pass.  Equal to measuring each
+    the ratios of one (method, target) share forwards (up to ``batch_size`` rows each).  Equal to measuring each
     mask under :func:`memloc.ablation.ablate` with full forwards (tests/test_benchmarks.py).
     """
 
