@@ -28,7 +28,8 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
     Fast path: the masks act on layers >= ``start_layer`` only and the loss reads the suffix
     positions only, so each step re-runs blocks ``start_layer..L-1`` from the cached input of block
     ``start_layer`` and unembeds only the suffix positions (:func:`~memloc.localize._common.partial_forward`,
-    checked against a full forward once; identical logits).
+    checked against a full forward once; identical logits) when that skips blocks or a quarter of
+    the positions' unembedding.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -42,7 +43,9 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
         return act * mask_fn(l).to(act.dtype)
 
     hooks = [(neuron_hook_name(l), hook) for l in range(start_layer, model.cfg.n_layers)]
-    fast = partial_forward(model, tokens, start_layer, pos, what=desc)
+    # worth it when it skips blocks or a good part of the unembedding (not for INJ's prefix_len = 1)
+    useful = start_layer > 0 or (pos.stop - pos.start) < 0.75 * tokens.shape[1]
+    fast = partial_forward(model, tokens, start_layer, pos, what=desc) if useful else None
     steps = 0
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
         for step in progress(range(max_steps), enabled=progress_bar, desc=desc):
