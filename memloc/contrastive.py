@@ -469,7 +469,11 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
     NMPs (e.g. :func:`memloc.metrics.greedy_continuation` once) to skip decoding it per call.
     ``em_via="teacher_forced"`` (default) reads every EM off the teacher-forced pass that gives
     the NLLs (exactly the greedy EM, see :func:`memloc.metrics.exact_match_teacher_forced`);
-    ``"greedy"`` decodes T tokens per paragraph and step (the slow reference).
+    ``"greedy"`` decodes T tokens per paragraph and step (the slow reference).  The trained
+    weights all lie in the transformer blocks (embeddings are never trained), so the input of block
+    0 is fixed: training steps and evaluations re-run the blocks from it and unembed only the
+    continuation positions (:func:`memloc.localize._common.partial_forward`, checked once against
+    a full forward; otherwise full forwards after a WARNING).
     """
     mp, nmp, edit_seq = _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
