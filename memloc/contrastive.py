@@ -174,10 +174,16 @@ def contrastive_loss(model: Any, memorized: Int[Tensor, "n seq"], prefix_len: in
                              f"(from memloc.contrastive.reference_logits), got "
                              f"{tuple(getattr(reference_logits, 'shape', ())) or type(reference_logits).__name__}")
     target = mp if objective == "unlearn" else edit_seq
-    nll = _mean_nll(continuation_logits(model, target, prefix_len), target[:, prefix_len:])
     ref = (reference_logits.to(nmp.device) if reference_logits is not None
            else _reference(model, nmp, prefix_len))
-    kl = _mean_kl(continuation_logits(model, nmp, prefix_len), ref)
+    if target.shape[1] == nmp.shape[1]:  # one forward over both sets (rows are independent)
+        logits = continuation_logits(model, torch.cat([target, nmp]), prefix_len)
+        target_logits, nmp_logits = logits[:len(target)], logits[len(target):]
+    else:
+        target_logits = continuation_logits(model, target, prefix_len)
+        nmp_logits = continuation_logits(model, nmp, prefix_len)
+    nll = _mean_nll(target_logits, target[:, prefix_len:])
+    kl = _mean_kl(nmp_logits, ref)
     loss = (-nll if objective == "unlearn" else nll) + kl
     if return_terms:
         return loss, {"nll": nll.detach(), "kl": kl.detach()}
@@ -359,29 +365,66 @@ def _batched(fn: Any, model: Any, seqs: list[Tensor], prefix_len: int, batch_siz
     return [fn(s, prefix_len, batch_size) for s in seqs]
 
 
-def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor,
-              edit_seq: Tensor | None, batch_size: int) -> list[dict]:
-    """Per-paragraph EM and NLL at one step: MPs against their true continuation, NMPs against the
-    model's original greedy continuation ``nmp_ref``, edit targets (if any) against theirs."""
-    greedy = lambda x, p, b: greedy_continuation(model, x, p, batch_size=b)  # noqa: E731
-    nll = lambda x, p, b: teacher_forced(model, x, p, batch_size=b)["nll"]  # noqa: E731
+def _eval_inputs(mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor, edit_seq: Tensor | None) -> list[Tensor]:
+    """The teacher-forced inputs of :func:`_evaluate`: MPs, NMP prefix + original continuation, edit sequences."""
     nmp_seq = torch.cat([nmp[:, :prefix_len], nmp_ref.to(nmp.device)], dim=1)
+    return [mp, nmp_seq] + ([edit_seq] if edit_seq is not None else [])
+
+
+def _tf_partial(fwd: Any, tokens: Tensor, prefix_len: int, batch_size: int) -> dict[str, Tensor]:
+    """``teacher_forced`` statistics (nll, em) from a partial forward over ``tokens`` (same rows)."""
+    target = tokens[:, prefix_len:]
+    nll, argmax = [], []
+    for i in range(0, len(tokens), batch_size):
+        logits = fwd(fwd.resid[i:i + batch_size]).float()
+        nll.append(F.cross_entropy(logits.transpose(1, 2), target[i:i + batch_size], reduction="none").mean(1).cpu())
+        argmax.append(logits.argmax(-1).cpu())
+    return {"nll": torch.cat(nll), "em": em_from_generations(torch.cat(argmax), target)}
+
+
+def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor,
+              edit_seq: Tensor | None, batch_size: int, em_via: str = "teacher_forced",
+              fwd: Any = None) -> list[dict]:
+    """Per-paragraph EM and NLL at one step: MPs against their true continuation, NMPs against the
+    model's original greedy continuation ``nmp_ref``, edit targets (if any) against theirs.
+
+    ``em_via="teacher_forced"`` reads every EM off the one teacher-forced pass that also gives
+    the NLLs (:func:`memloc.metrics.exact_match_teacher_forced`: the greedy continuation of a
+    prefix matches a reference continuation exactly as far as the teacher-forced argmax on
+    prefix + reference does); ``"greedy"`` decodes T tokens per prefix (the slow reference).
+    ``fwd``: a :func:`memloc.localize._common.partial_forward` over ``torch.cat`` of these inputs
+    (built once per run: the embeddings are not trained, so the input of block 0 never changes)."""
     same_prefix = edit_seq is not None and torch.equal(edit_seq[:, :prefix_len], mp[:, :prefix_len])
-    gen_in = [mp, nmp] + ([edit_seq] if edit_seq is not None and not same_prefix else [])
-    nll_in = [mp, nmp_seq] + ([edit_seq] if edit_seq is not None else [])
+    nll_in = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
+    tf = lambda x, p, b: teacher_forced(model, x, p, batch_size=b)  # noqa: E731
     with torch.no_grad():
-        gens = _batched(greedy, model, gen_in, prefix_len, batch_size)
-        nlls = _batched(nll, model, nll_in, prefix_len, batch_size)
-    mp_em = em_from_generations(gens[0], mp[:, prefix_len:])
-    nmp_em = em_from_generations(gens[1], nmp_ref)
+        if fwd is not None:
+            out = _tf_partial(fwd, torch.cat(nll_in), prefix_len, batch_size)
+            sizes = [len(x) for x in nll_in]
+            parts = [{k: v for k, v in zip(out, vals)} for vals in zip(*(torch.split(v, sizes) for v in out.values()))]
+        elif len({x.shape[1] for x in nll_in}) == 1:
+            out = tf(torch.cat(nll_in), prefix_len, batch_size)
+            sizes = [len(x) for x in nll_in]
+            parts = [{k: v for k, v in zip(out, vals)} for vals in zip(*(torch.split(v, sizes) for v in out.values()))]
+        else:
+            parts = [tf(x, prefix_len, batch_size) for x in nll_in]
+        nlls = [p["nll"] for p in parts]
+        if em_via == "teacher_forced":
+            ems = [p["em"] for p in parts]
+        else:
+            greedy = lambda x, p, b: greedy_continuation(model, x, p, batch_size=b)  # noqa: E731
+            gen_in = [mp, nmp] + ([edit_seq] if edit_seq is not None and not same_prefix else [])
+            gens = _batched(greedy, model, gen_in, prefix_len, batch_size)
+            ems = [em_from_generations(gens[0], mp[:, prefix_len:]), em_from_generations(gens[1], nmp_ref)]
+            if edit_seq is not None:
+                # EM of the model's continuation of the edit prefix (the MP prefix for [n, T] targets)
+                ems.append(em_from_generations(gens[0] if same_prefix else gens[2], edit_seq[:, prefix_len:]))
+    mp_em, nmp_em = ems[0], ems[1]
     rows = []
-    if edit_seq is not None:
-        # EM of the model's continuation of the edit prefix (the MP prefix for [n, T] targets)
-        edit_em = em_from_generations(gens[0] if same_prefix else gens[2], edit_seq[:, prefix_len:])
     for i in range(len(mp)):
         row = {"step": step, "split": "memorized", "id": i, "em": int(mp_em[i]), "nll": float(nlls[0][i])}
         if edit_seq is not None:
-            row.update(edit_em=int(edit_em[i]), edit_nll=float(nlls[2][i]))
+            row.update(edit_em=int(ems[2][i]), edit_nll=float(nlls[2][i]))
         rows.append(row)
     for i in range(len(nmp)):
         rows.append({"step": step, "split": "non-memorized", "id": i, "em": int(nmp_em[i]), "nll": float(nlls[1][i])})
@@ -393,6 +436,8 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
                     fraction: float = 0.001, steps: int = 10, lr: float = 1e-3, seed: int = 0,
                     edit_targets: Int[Tensor, "n T_or_seq"] | None = None, n_nmp_per_batch: int | None = None,
                     batch_size: int = 64, eval_every: int = 1, return_state: bool = False,
+                    nonmemorized_continuation: Int[Tensor, "N T"] | None = None,
+                    em_via: Literal["teacher_forced", "greedy"] = "teacher_forced",
                     progress_bar: bool = True) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, Any]]:
     """Sparse unlearning / editing by fine-tuning on the contrastive objective (Stoehr §5.3, Fig. 5).
 
@@ -418,6 +463,17 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
     ``return_state=True`` returns ``(df, {"mask": {name: Bool}, "delta": {name: θ_final − θ₀}})``
     (CPU tensors; ``mask`` per eligible parameter, ``delta`` per parameter, zero outside the
     mask); the model itself is still restored, and ``.grad`` of every parameter is as before.
+
+    Speed: ``nonmemorized_continuation`` [N, T] is the model's greedy continuation of the NMP
+    prefixes at θ₀ (the NMPs' EM reference); pass it when fine-tuning several variants on the same
+    NMPs (e.g. :func:`memloc.metrics.greedy_continuation` once) to skip decoding it per call.
+    ``em_via="teacher_forced"`` (default) reads every EM off the teacher-forced pass that gives
+    the NLLs (exactly the greedy EM, see :func:`memloc.metrics.exact_match_teacher_forced`);
+    ``"greedy"`` decodes T tokens per paragraph and step (the slow reference).  The trained
+    weights all lie in the transformer blocks (embeddings are never trained), so the input of block
+    0 is fixed: training steps and evaluations re-run the blocks from it and unembed only the
+    continuation positions (:func:`memloc.localize._common.partial_forward`, checked once against
+    a full forward; otherwise full forwards after a WARNING).
     """
     mp, nmp, edit_seq = _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
@@ -431,20 +487,37 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
             raise ValueError(f"n_nmp_per_batch={n_nmp_per_batch} exceeds the {len(nmp)} NMPs given")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(eval_every, "eval_every")
+    check_choice(em_via, "em_via", ("teacher_forced", "greedy"))
+    T = nmp.shape[1] - prefix_len
+    if nonmemorized_continuation is not None:
+        if (not isinstance(nonmemorized_continuation, Tensor) or nonmemorized_continuation.dtype.is_floating_point
+                or tuple(nonmemorized_continuation.shape) != (len(nmp), T)):
+            raise ValueError(f"nonmemorized_continuation must be an integer tensor [{len(nmp)}, {T}] (the greedy "
+                             "continuation of the NMP prefixes), got "
+                             f"{tuple(getattr(nonmemorized_continuation, 'shape', ())) or type(nonmemorized_continuation).__name__}")
 
     saved_grads = {n: q.grad for n, q in model.named_parameters()}
     try:
         df, state = _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, steps, lr, seed,
                                      edit_seq, n_nmp_per_batch, batch_size, eval_every, return_state,
-                                     progress_bar)
+                                     progress_bar, nonmemorized_continuation, em_via)
     finally:
         for n, q in model.named_parameters():
             q.grad = saved_grads.get(n)
     return (df, state) if return_state else df
 
 
+def _co_from_logits(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Tensor, prefix_len: int,
+                    objective: str) -> Tensor:
+    """Stoehr Eq. 3 / 4 from continuation logits (the arithmetic of :func:`contrastive_loss`)."""
+    nll = _mean_nll(target_logits, target[:, prefix_len:])
+    kl = _mean_kl(nmp_logits, ref)
+    return (-nll if objective == "unlearn" else nll) + kl
+
+
 def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, steps, lr, seed, edit_seq,
-                     n_nmp_per_batch, batch_size, eval_every, return_state, progress_bar):
+                     n_nmp_per_batch, batch_size, eval_every, return_state, progress_bar, nmp_ref=None,
+                     em_via="teacher_forced"):
     with borrowed(model, restore_weights=True):
         names = eligible_parameters(model)
         params = dict(model.named_parameters())
@@ -453,8 +526,10 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             p.requires_grad_(False)
         for n in names:
             params[n].requires_grad_(True)
-        with torch.no_grad():
-            nmp_ref = greedy_continuation(model, nmp, prefix_len, batch_size=batch_size).to(nmp.device)
+        if nmp_ref is None:
+            with torch.no_grad():
+                nmp_ref = greedy_continuation(model, nmp, prefix_len, batch_size=batch_size)
+        nmp_ref = nmp_ref.to(nmp.device)
         ref = reference_logits(model, nmp, prefix_len, batch_size=batch_size)
         if mask == "top":
             masks = _mask_from_scores(_co_gradients(model, names, mp, nmp, prefix_len, objective, edit_seq, ref),
@@ -469,7 +544,25 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
                 params[n].requires_grad_(False)
         opt = torch.optim.Adam([params[n] for n in trainable], lr=float(lr), weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size)
+        # Fast path: the embeddings are not trained, so the input of block 0 is fixed; the training
+        # loss and the evaluation re-run the blocks from it and unembed only the continuation
+        # positions (partial_forward, checked once against a full forward; else full forwards).
+        from .localize._common import partial_forward
+
+        target = mp if objective == "unlearn" else edit_seq
+        seq = nmp.shape[1]
+        cont = slice(prefix_len - 1, seq - 1)
+        train_fwd = eval_fwd = None
+        in_blocks = {id(q) for q in model.blocks.parameters()}
+        if not all(id(params[n]) in in_blocks for n in names):
+            logger.warning("sparse_finetune: some trained weights lie outside the transformer blocks; using full "
+                           "forwards (slower)")
+        elif target.shape[1] == seq:
+            train_fwd = partial_forward(model, torch.cat([target, nmp]), 0, cont, what="sparse fine-tuning")
+            ev = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
+            if em_via == "teacher_forced" and len({x.shape[1] for x in ev}) == 1:
+                eval_fwd = partial_forward(model, torch.cat(ev), 0, cont, what="sparse fine-tuning evaluation")
+        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
         losses = []
         for step in progress(range(1, steps + 1), enabled=progress_bar, desc=f"sparse {objective} ({mask})",
                              total=steps):
@@ -478,8 +571,14 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             else:
                 idx = torch.randperm(len(nmp), generator=gen)[:n_nmp_per_batch].to(nmp.device)
             opt.zero_grad(set_to_none=True)
-            loss = contrastive_loss(model, mp, prefix_len, nmp[idx], objective=objective, edit_targets=edit_seq,
-                                    reference_logits=ref[idx])
+            if train_fwd is not None:
+                sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
+                logits = train_fwd(train_fwd.resid[sel]).float()
+                loss = _co_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len,
+                                       objective)
+            else:
+                loss = contrastive_loss(model, mp, prefix_len, nmp[idx], objective=objective, edit_targets=edit_seq,
+                                        reference_logits=ref[idx])
             loss.backward()
             with torch.no_grad():
                 for n in trainable:
@@ -489,7 +588,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             opt.step()
             losses.append(float(loss.detach()))
             if step % eval_every == 0 or step == steps:
-                rows += _evaluate(model, step, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size)
+                rows += _evaluate(model, step, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
         opt.zero_grad(set_to_none=True)
         state = None
         if return_state:

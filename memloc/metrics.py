@@ -32,7 +32,7 @@ from ._progress import progress
 
 __all__ = [
     "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
-    "exact_match", "levenshtein_distance", "perplexity", "memorization", "split_memorization",
+    "exact_match", "exact_match_teacher_forced", "levenshtein_distance", "perplexity", "memorization", "split_memorization",
     "discover_memorized", "ngram_jaccard",
 ]
 
@@ -48,8 +48,9 @@ def teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int
     """One teacher-forced forward per batch; returns per-paragraph continuation statistics.
 
     Returns a dict with ``nll`` Float[batch] (mean continuation NLL, Chang Eq. 6), ``accuracy``
-    Float[batch] (Chang Eq. 5), ``argmax`` Int[batch, T] (Chang Eq. 4) and ``token_nll``
-    Float[batch, T].
+    Float[batch] (Chang Eq. 5), ``argmax`` Int[batch, T] (Chang Eq. 4), ``token_nll``
+    Float[batch, T] and ``em`` Int[batch]: the exact match of Stoehr §3.2 read off this one pass
+    (see :func:`exact_match_teacher_forced`).
     """
     tokens = check_tokens(model, tokens, prefix_len)
     check_positive_int(batch_size, "batch_size")
@@ -63,7 +64,7 @@ def teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int
     token_nll_t, argmax_t = torch.cat(token_nll), torch.cat(argmax)
     target = tokens[:, prefix_len:].cpu()
     return {"nll": token_nll_t.mean(1), "accuracy": (argmax_t == target).float().mean(1),
-            "argmax": argmax_t, "token_nll": token_nll_t}
+            "argmax": argmax_t, "token_nll": token_nll_t, "em": em_from_generations(argmax_t, target)}
 
 
 def continuation_nll(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
@@ -138,6 +139,23 @@ def exact_match(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *
     return em_from_generations(gen, tokens[:, prefix_len:])
 
 
+def exact_match_teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+                               batch_size: int = 64) -> Int[Tensor, "batch"]:
+    """Exact match EM (Stoehr et al. §3.2) from one teacher-forced forward instead of T greedy steps.
+
+    Equal to :func:`exact_match`: greedy decoding reproduces the continuation ``s`` up to its
+    first mismatch, and while it does, its context at step t is exactly the teacher-forced
+    context ``(p, s_<t)``, so its token at t is the teacher-forced argmax at t.  Hence the number
+    of leading greedy tokens equal to ``s`` is the number of leading positions where the
+    teacher-forced argmax equals ``s``.  The same holds for any continuation ``s`` (e.g. a
+    model's own earlier greedy continuation, or an edit target): pass ``(p, s)`` as ``tokens``.
+    (The two can only differ where two logits tie to within float rounding, since the KV-cache
+    path and the full forward round differently; tests/test_metrics.py checks equality on the
+    embedded model.)
+    """
+    return teacher_forced(model, tokens, prefix_len, batch_size=batch_size)["em"]
+
+
 def _decode(model: Any, ids: Tensor, tokenizer: Any = None) -> list[str]:
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
@@ -200,11 +218,18 @@ def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, 
     if counts is not None and len(counts) != len(tokens):
         raise ValueError(f"counts has {len(counts)} entries for {len(tokens)} paragraphs")
     tf = teacher_forced(model, tokens, prefix_len, batch_size=batch_size, progress_bar=progress_bar)
-    gen = greedy_continuation(model, tokens, prefix_len, batch_size=batch_size, progress_bar=progress_bar)
     target = tokens[:, prefix_len:].cpu()
+    # EM comes from the teacher-forced pass (exact_match_teacher_forced); the greedy continuation is
+    # only needed for lev_greedy, and it equals the true continuation where the teacher-forced argmax
+    # matches every token (EM = T), so only the other rows are decoded.
+    gen = target.clone()
+    todo = torch.nonzero(tf["em"] < target.shape[1]).flatten()
+    if len(todo) and levenshtein and getattr(model, "tokenizer", None) is not None:
+        gen[todo] = greedy_continuation(model, tokens[todo.to(tokens.device)], prefix_len, batch_size=batch_size,
+                                        progress_bar=progress_bar)
     df = pd.DataFrame({
         "id": np.arange(len(tokens)),
-        "em": em_from_generations(gen, target).numpy(),
+        "em": tf["em"].numpy(),
         "nll": tf["nll"].numpy(),
         "accuracy": tf["accuracy"].numpy(),
         "n_distinct_suffix": [len(set(r.tolist())) for r in target],

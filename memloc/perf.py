@@ -35,6 +35,8 @@ for ZERO-OUT, IG and ACTIVATIONS; ``target_met`` says whether each row meets its
 of another dtype also carry ``reference_spearman_vs_fp32``: the same correlation for the papers'
 loop run in that dtype, which separates what the fast path loses from what the dtype itself loses.
 
+Pipeline rows (``pipeline/*``, embedded model, float32): see :mod:`memloc.perf_pipeline`.
+
 Extrapolation (``extrapolated`` column): on the GPT-Neo-125M-shaped random model the exhaustive
 runs are too long for a CPU, so ZERO-OUT (fast and reference) is timed on the same subset of
 neurons in every layer and both times are scaled by ``d_mlp / subset`` (per-neuron cost does not
@@ -295,10 +297,11 @@ def _compare_dtypes(rows: list[dict], scores: dict[tuple[str, str], dict[str, to
 
 def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = False, device: str | None = None,
              dtypes: list[str] | tuple[str, ...] = ("float32",),
-             on_rows: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+             on_rows: Callable[[pd.DataFrame], None] | None = None, pipeline: bool = True) -> pd.DataFrame:
     """Run the benchmark on ``models`` in ``dtypes`` (float32 is always added first as the baseline)
     and return one row per (method, model, dtype); ``on_rows`` receives the rows so far after each
-    (model, dtype) (e.g. to save partial results of a long run)."""
+    (model, dtype) (e.g. to save partial results of a long run).  With ``pipeline`` (and the embedded
+    model among ``models``) the float32 run adds the ``pipeline/*`` rows of :mod:`memloc.perf_pipeline`."""
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         raise ValueError(f"models must be a non-empty subset of {MODELS}, got {list(models)}")
@@ -316,6 +319,10 @@ def run_perf(models: list[str] | tuple[str, ...] = MODELS, *, quick: bool = Fals
                 rows.extend(r)
                 scores[(name, t)] = s
                 _compare_dtypes(rows, scores)
+                if name == "tiny" and t == "float32" and pipeline:
+                    from .perf_pipeline import bench_pipeline
+
+                    rows.extend(dict(r, dtype=t) for r in bench_pipeline(quick, device))
                 if on_rows is not None:
                     on_rows(pd.DataFrame(rows))
     return pd.DataFrame(rows)

@@ -174,9 +174,12 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
 
     For each paragraph ``n``, position ``i`` in ``positions`` (default: the whole prefix) and
     sample ``j < n_samples``, ``tokens[n, i]`` is replaced by a random other token; all
-    perturbed prefixes (of all paragraphs) are greedily decoded together in batches of
-    ``batch_size`` (``memloc.metrics.greedy_decode``, KV cache), and the true continuation is
-    scored teacher-forced under each perturbed prefix, also in batches.
+    perturbed prefixes (of all paragraphs) are scored teacher-forced on the true continuation in
+    batches of ``batch_size`` (NLL, and EM via :func:`memloc.metrics.exact_match_teacher_forced`),
+    and greedily decoded (``memloc.metrics.greedy_decode``, KV cache) where needed: a perturbed
+    prefix that still reproduces the whole true continuation of a paragraph whose unperturbed
+    continuation is the true one continues exactly as the unperturbed one, so it is not decoded
+    (on memorized paragraphs that is most prefixes).
 
     Args:
         model: the TransformerBridge (borrowed; hooks active on it apply).
@@ -223,17 +226,29 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         flat_prefix = prefixes.reshape(n * P * S, prefix_len)
         flat_full = torch.cat([flat_prefix, target.repeat_interleave(P * S, dim=0)], dim=1)
 
-        gens, nlls = [], []
+        # Teacher forcing scores the true continuation under every perturbed prefix (NLL) and gives the
+        # EM against it (metrics.exact_match_teacher_forced).  Where the unperturbed greedy continuation
+        # is the true one and the perturbed prefix still reproduces all of it (EM = T), the perturbed
+        # greedy continuation is that same continuation, so only the other prefixes are decoded.
+        nlls, ems = [], []
         dev = tokens.device
         chunks = list(range(0, len(flat_prefix), batch_size))
-        for start in progress(chunks, enabled=progress_bar, desc="perturbed decoding"):
-            sl = slice(start, start + batch_size)
-            gens.append(greedy_decode(model, flat_prefix[sl].to(dev), T, batch_size=batch_size))
-            nlls.append(teacher_forced(model, flat_full[sl].to(dev), prefix_len, batch_size=batch_size)["nll"])
-        gen = torch.cat(gens).view(n, P, S, T)
+        for start in progress(chunks, enabled=progress_bar, desc="perturbed teacher forcing"):
+            tf = teacher_forced(model, flat_full[start:start + batch_size].to(dev), prefix_len, batch_size=batch_size)
+            nlls.append(tf["nll"])
+            ems.append(tf["em"])
         nll = torch.cat(nlls).view(n, P, S)
+        em = torch.cat(ems).view(n, P, S)
+        reproduced = (clean_gen == target).all(1).view(n, 1, 1) & (em == T)
+        gen = clean_gen.view(n, 1, 1, T).expand(n, P, S, T).clone().reshape(n * P * S, T)
+        todo = torch.nonzero(~reproduced.reshape(-1)).flatten()
+        chunks = list(range(0, len(todo), batch_size))
+        for start in progress(chunks, enabled=progress_bar, desc="perturbed decoding"):
+            rows = todo[start:start + batch_size]
+            gen[rows] = greedy_decode(model, flat_prefix[rows].to(dev), T, batch_size=batch_size)
+        gen = gen.view(n, P, S, T)
+        logger.debug("perturbation_profile: decoded %d of %d perturbed prefixes", len(todo), n * P * S)
 
-    em = em_from_generations(gen.reshape(-1, T), target.repeat_interleave(P * S, dim=0)).view(n, P, S)
     first = _first_difference(gen, clean_gen.view(n, 1, 1, T))
     em_drop = em_clean.view(n, 1, 1) - em
     nll_change = nll - clean_tf["nll"].view(n, 1, 1)

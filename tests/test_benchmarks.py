@@ -686,3 +686,36 @@ def test_del_every_method_beats_random_five_times(tiny, tiny_paragraphs):
     self_acc = res.rows.groupby("method")["d_self_acc"].mean()
     for m in PAPER_METHODS[:-1]:
         assert self_acc[m] < 0 and abs(self_acc[m]) >= 5 * abs(self_acc["random"]), self_acc
+
+
+def test_del_fast_measurement_equals_full_forwards(tiny, memorized, unchanged):
+    """Speed path of DEL: batched dropout measurement from the cached layer-1 input (and ZERO-OUT / IG
+    scoring only the non-excluded layers) gives the rows of full forwards under ``ablate``."""
+    from memloc.localize import METHODS
+
+    tokens, prefix_len, ids = memorized
+    rand = random_sequences("tiny")[:3]
+    methods = {"known": known_neurons, "zero_out": METHODS["zero_out"]}
+    kw = dict(ids=ids, targets=[0, 3], ratios=(0.0, 0.002, 0.05), random_tokens=rand, batch_size=4,
+              method_kwargs={"zero_out": {"progress_bar": False, "neurons": range(0, 1024, 32)}}, progress_bar=False)
+    with unchanged(tiny):
+        fast = del_benchmark(tiny, methods, tokens, prefix_len, **kw)
+        slow = del_benchmark(tiny, methods, tokens, prefix_len, fast=False, **kw)
+        kw["method_kwargs"] = None
+        mean = del_benchmark(tiny, {"known": known_neurons}, tokens, prefix_len, mode="mean", **kw)
+        mean_slow = del_benchmark(tiny, {"known": known_neurons}, tokens, prefix_len, mode="mean", fast=False, **kw)
+    for a, b in ((fast, slow), (mean, mean_slow)):
+        pd.testing.assert_frame_equal(a.rows, b.rows, rtol=1e-4, atol=1e-6)
+        for key in a.matrices:
+            pd.testing.assert_frame_equal(a.matrices[key], b.matrices[key], atol=1e-9)
+    moved = fast.rows[fast.rows["ratio"] > 0]
+    assert (moved["d_rand_ppl"].abs() > 1e-4).any() and (mean.rows["d_rand_ppl"].abs() > 0).any()  # not trivial
+    # ZERO-OUT scored layers 1..3 only, and selected what the all-layer scores select
+    z_all = METHODS["zero_out"](tiny, tokens[:1], prefix_len, progress_bar=False, neurons=range(0, 1024, 32))
+    z_sub = METHODS["zero_out"](tiny, tokens[:1], prefix_len, progress_bar=False, neurons=range(0, 1024, 32),
+                                layers=[1, 2, 3])
+    assert torch.isnan(z_sub[0]).all()
+    from memloc.ablation import select_top_k
+    a = select_top_k(torch.nan_to_num(z_all, nan=float("-inf")), 0.05, exclude_layers=[0])
+    b = select_top_k(torch.nan_to_num(z_sub, nan=float("-inf")), 0.05, exclude_layers=[0])
+    assert torch.equal(a, b)

@@ -368,3 +368,50 @@ def test_top_gradient_mask_beats_random_on_tiny(tiny, tiny_paragraphs, unchanged
     assert final["unlearn", "top"] < final["unlearn", "random"] - 15, final
     assert final["unlearn", "top"] < 20, final
     assert final["edit", "top"] < final["edit", "random"] - 10, final
+
+
+def test_sparse_finetune_teacher_forced_em_equals_greedy(tiny, tiny_paragraphs, unchanged):
+    """Speed path: every EM of the trajectory (MP, NMP, edit target) read off the teacher-forced pass
+    equals the greedily decoded one, and a precomputed NMP continuation gives the same table."""
+    from memloc.metrics import greedy_continuation
+
+    em = tiny_paragraphs.table["em_ref"].to_numpy()
+    mp = tiny_paragraphs.tokens[np.flatnonzero(em == 50)[:3]]
+    nmp = tiny_paragraphs.tokens[np.flatnonzero(em <= 10)[:4]]
+    pmp = mp.clone()
+    pmp[:, 49] = (pmp[:, 49] + 7) % tiny.cfg.d_vocab                    # a perturbed prefix ...
+    pmp[:, 50:] = greedy_continuation(tiny, pmp, 50)                   # ... and its continuation
+    kw = dict(fraction=0.01, steps=2, lr=1e-2, seed=0, progress_bar=False)
+    with unchanged(tiny):
+        # [n, T] edit targets after the MP prefix (the reproduce setting) and [n, seq] whole PMPs
+        for objective, targets, mask in (("unlearn", None, "all"), ("edit", pmp[:, 50:], "all"), ("edit", pmp, "top")):
+            fast = sparse_finetune(tiny, mp, nmp, 50, objective=objective, edit_targets=targets, mask=mask, **kw)
+            slow = sparse_finetune(tiny, mp, nmp, 50, objective=objective, edit_targets=targets, mask=mask,
+                                   em_via="greedy", **kw)
+            pd.testing.assert_frame_equal(fast, slow)
+            if objective == "unlearn":
+                assert set(fast.em[fast.split == "memorized"]) != {50}       # EM changed: not a trivial case
+            if objective == "edit" and mask == "all":
+                nll = fast[fast.split == "memorized"].groupby("step").edit_nll.mean()
+                assert nll.nunique() == 3                                         # the weights moved every step
+        ref = greedy_continuation(tiny, nmp, 50)
+        pre = sparse_finetune(tiny, mp, nmp, 50, mask="top", nonmemorized_continuation=ref, **kw)
+    pd.testing.assert_frame_equal(pre, sparse_finetune(tiny, mp, nmp, 50, mask="top", **kw))
+    # the partial forwards (blocks re-run from the fixed embedding output) vs full forwards
+    import memloc.localize._common as C
+
+    calls = []
+    real = C.partial_forward
+    C.partial_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        part = sparse_finetune(tiny, mp, nmp, 50, objective="edit", edit_targets=pmp[:, 50:], mask="all", **kw)
+        C.partial_forward = lambda *a, **k: None
+        full = sparse_finetune(tiny, mp, nmp, 50, objective="edit", edit_targets=pmp[:, 50:], mask="all", **kw)
+    finally:
+        C.partial_forward = real
+    assert len(calls) == 2                                                   # training and evaluation
+    pd.testing.assert_frame_equal(part, full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="nonmemorized_continuation"):
+        sparse_finetune(tiny, mp, nmp, 50, nonmemorized_continuation=ref[:, :3], **kw)
+    with pytest.raises(ValueError, match="em_via"):
+        sparse_finetune(tiny, mp, nmp, 50, em_via="bogus", **kw)

@@ -554,3 +554,45 @@ def test_defaults_do_not_collapse_on_a_memorized_paragraph(tiny, memorized, meth
     assert float(test_time[1:].mean()) > 0.05 and float((s[1:] > 0.5).float().mean()) > 0.02  # not all ~0
     mem = _masked_mem_loss(tiny, x, {l: test_time[l] for l in (1, 2, 3)})
     assert mem < clean + 1.0
+
+
+@pytest.mark.parametrize("method", ["slimming", "hard_concrete"])
+def test_mask_training_partial_forward_equals_full_forward(tiny, memorized, unchanged, monkeypatch, method):
+    """Speed path of SLIMMING / HARD CONCRETE: re-running only the masked layers from the cached
+    input of block start_layer (and unembedding only the suffix) gives the scores of full forwards."""
+    import memloc.localize._masks as M
+
+    x = memorized[0]
+    fn = getattr(loc, method)
+    kw = dict(max_steps=12, start_layer=1, seed=3, **FAST) if method == "hard_concrete" else \
+        dict(max_steps=12, start_layer=1, lam=0.0, lr=0.05, **FAST)   # lam = 0: moves follow the loss
+    used = []
+    real = M.partial_forward
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(M, "partial_forward", spy)
+    with unchanged(tiny):
+        fast = fn(tiny, x, 50, **kw)
+    monkeypatch.setattr(M, "partial_forward", lambda *a, **k: None)   # the full-forward reference
+    slow = fn(tiny, x, 50, **kw)
+    assert used == [True]
+    assert fast[1:].unique().numel() > 1                                # trained, not constant
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_forward_falls_back_with_a_warning(tiny, memorized, caplog, monkeypatch):
+    import memloc.localize._common as C
+
+    x = memorized[0]
+    fn = C.partial_forward(tiny, x, 1, slice(49, 99))
+    with torch.no_grad():
+        torch.testing.assert_close(fn(), tiny(x)[:, 49:99], rtol=1e-5, atol=1e-5)
+    real = C.logits_at
+    monkeypatch.setattr(C, "logits_at", lambda model, resid: real(model, resid) + 1.0)   # a broken re-run
+    with caplog.at_level("WARNING"):
+        assert C.partial_forward(tiny, x, 1, slice(49, 99), what="probe") is None
+    assert "probe" in caplog.text and "full forwards" in caplog.text

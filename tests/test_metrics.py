@@ -163,3 +163,40 @@ def test_greedy_decode_bad_lengths(tiny):
 def test_metrics_leave_model_unchanged(tiny, tiny_paragraphs, unchanged):
     with unchanged(tiny):
         metrics.memorization(tiny, tiny_paragraphs.tokens[:3], 50)
+
+
+def test_exact_match_teacher_forced_equals_greedy_em(tiny, tiny_paragraphs):
+    """Speed path: EM read off one teacher-forced pass equals the greedy EM (MPs, NMPs, partials),
+    also against a continuation that is not the true one (the model's own greedy continuation of
+    another prefix)."""
+    tokens = tiny_paragraphs.tokens[::12][:48]
+    greedy = metrics.greedy_continuation(tiny, tokens, 50)
+    em_greedy = metrics.em_from_generations(greedy, tokens[:, 50:])
+    em_tf = metrics.exact_match_teacher_forced(tiny, tokens, 50, batch_size=16)
+    assert torch.equal(em_tf, em_greedy)
+    assert {0, 50} <= set(em_tf.tolist()) and len(set(em_tf.tolist())) > 3   # a mixed set
+    other = torch.cat([tokens[:, :50], greedy.roll(1, dims=0)], dim=1)     # prefix i + continuation of i-1
+    assert torch.equal(metrics.exact_match_teacher_forced(tiny, other, 50),
+                       metrics.em_from_generations(greedy, greedy.roll(1, dims=0)))
+    assert torch.equal(metrics.teacher_forced(tiny, tokens, 50)["em"], em_tf)
+
+
+def test_memorization_decodes_only_unreproduced_rows(tiny, tiny_paragraphs, monkeypatch):
+    """memorization() skips greedy decoding where the continuation is reproduced (EM = T) and its
+    em / lev_greedy equal the full greedy reference."""
+    tokens = tiny_paragraphs.tokens[::25][:24]
+    decoded = []
+    real = metrics.greedy_continuation
+
+    def counting(model, x, prefix_len, **kw):
+        decoded.append(len(x))
+        return real(model, x, prefix_len, **kw)
+
+    monkeypatch.setattr(metrics, "greedy_continuation", counting)
+    df = metrics.memorization(tiny, tokens, 50, progress_bar=False)
+    monkeypatch.setattr(metrics, "greedy_continuation", real)
+    gen = real(tiny, tokens, 50)
+    assert df["em"].tolist() == metrics.em_from_generations(gen, tokens[:, 50:]).tolist()
+    assert df["lev_greedy"].tolist() == metrics.char_distances(tiny, gen, tokens[:, 50:]).tolist()
+    n_full = int((df["em"] == 50).sum())
+    assert n_full > 0 and sum(decoded) == len(tokens) - n_full

@@ -243,3 +243,38 @@ def test_tiny_memorized_paragraphs_are_perturbable(tiny, tiny_paragraphs, unchan
     assert len(pmps) == 3 and (pmps.em_drop > 0).all() and set(pmps.table.paragraph) == {0, 1, 2}
     assert ((pmps.first_impacted >= 0) & (pmps.first_impacted < 50)).all()
     assert (pmps_early.position < 49).all() and set(pmps_early.table.paragraph) <= {0, 1, 2}
+
+
+def test_profile_skips_decoding_reproduced_prefixes_on_tiny(tiny, tiny_paragraphs, unchanged, monkeypatch):
+    """Speed path: on memorized paragraphs most perturbed prefixes still reproduce the continuation and
+    are not decoded; every generation, EM and impact token still equals full greedy decoding."""
+    import memloc.perturb as P
+    from memloc.metrics import em_from_generations, greedy_decode
+
+    em = tiny_paragraphs.table["em_ref"].to_numpy()
+    x = torch.cat([tiny_paragraphs.tokens[np.flatnonzero(em == 50)[:2]],
+                   tiny_paragraphs.tokens[np.flatnonzero(em <= 10)[:1]]])
+    positions = [0, 20, 48, 49]
+    decoded = []
+
+    def counting(model, prefix, n_new, **kw):
+        decoded.append(len(prefix))
+        return greedy_decode(model, prefix, n_new, **kw)
+
+    monkeypatch.setattr(P, "greedy_decode", counting)
+    with unchanged(tiny):
+        r = perturbation_profile(tiny, x, 50, n_samples=2, seed=0, positions=positions, batch_size=8,
+                                 progress_bar=False)
+    n, T = len(x), 50
+    total = n * len(positions) * 2
+    assert n <= sum(decoded) - n < total        # the clean decode (n rows) + only part of the perturbed ones
+    prefixes = x[:, :50].unsqueeze(1).unsqueeze(1).repeat(1, len(positions), 2, 1)
+    for j, p in enumerate(positions):
+        prefixes[:, j, :, p] = r.replacements[:, j]
+    ref = greedy_decode(tiny, prefixes.reshape(-1, 50), T).view(n, len(positions), 2, T)
+    assert torch.equal(r.generations, ref)
+    s = r.samples
+    ref_em = em_from_generations(ref.reshape(-1, T), x[:, 50:].repeat_interleave(len(positions) * 2, 0))
+    assert s["em"].tolist() == ref_em.tolist()
+    first = em_from_generations(ref.reshape(-1, T), r.clean_generation.repeat_interleave(len(positions) * 2, 0))
+    assert s["first_impacted"].tolist() == first.tolist()

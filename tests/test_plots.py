@@ -133,3 +133,96 @@ def test_save_without_a_browser_raises_a_clear_error(tmp_path, monkeypatch):
         plots.save(fig, tmp_path / "f")
     assert (tmp_path / "f.html").exists()  # the HTML is written first
     assert plots.save(fig, tmp_path / "g", png=False) == [tmp_path / "g.html"]
+
+
+def _ft_with_edit() -> pd.DataFrame:
+    rows = []
+    for o in ("unlearn", "edit"):
+        for m in ("top", "all"):
+            for s in range(3):
+                for i in range(4):
+                    rows.append(dict(step=s, split="memorized", id=i, em=50 - 10 * s, nll=1.0, objective=o, mask=m,
+                                     edit_em=(10 * s if m == "all" else 0) if o == "edit" else np.nan))
+                for i in range(6):
+                    rows.append(dict(step=s, split="non-memorized", id=i, em=40, nll=2.0, objective=o, mask=m,
+                                     edit_em=np.nan))
+    return pd.DataFrame(rows)
+
+
+def test_finetune_plot_shows_the_edit_target_and_explains_error_bars():
+    fig = plots.finetune_trajectories(_ft_with_edit())
+    edit = [t for t in fig.data if "edit target" in t.name]
+    assert sorted(t.name for t in edit) == ["all, edit target", "top, edit target"]
+    all_edit = next(t for t in edit if t.name.startswith("all"))
+    assert list(all_edit.y) == [0.0, 10.0, 20.0]                     # mean edit_em per step
+    assert all(t.xaxis == "x2" for t in edit)                         # only in the editing facet
+    assert all(t.error_y.array is not None for t in fig.data)
+    title = fig.layout.title.text
+    assert "standard error" in title and "4 MPs" in title and "6 NMPs" in title and "4 edit targets" in title
+    assert "SEM" in fig.layout.yaxis.title.text
+    # without edit_em (unlearning only) there is no edit-target line
+    df = _ft_with_edit()
+    fig2 = plots.finetune_trajectories(df[df.objective == "unlearn"].drop(columns="edit_em"))
+    assert not any("edit target" in t.name for t in fig2.data)
+
+
+def test_rank_attention_labels_the_highlighted_and_the_most_rare_focused_heads():
+    ranks = pd.DataFrame([dict(layer=0, head=h, rank=r, attention=1 / (r + 1 + h), n_tokens=3, n=64)
+                          for h in range(3) for r in range(5)])
+    corr = pd.DataFrame([dict(layer=0, head=h, correlation=c) for h, c in ((0, -0.5), (1, -0.9), (2, -0.1))])
+    fig = plots.rank_attention(ranks, {(0, 2): "memorization head"}, correlations=corr)
+    notes = {a.text for a in fig.layout.annotations}
+    assert "<b>L0H2</b> memorization head" in notes
+    assert "<b>L0H1</b> most rare-token-focused head" in notes        # the most negative correlation
+    names = [t.name for t in fig.data]
+    assert "L0H1 (r=-0.90): most rare-token-focused head" in names and "L0H0 (r=-0.50)" in names
+    assert "64 paragraphs" in fig.layout.title.text
+    # a tuple or a list of heads still works; the same head gets both labels
+    fig = plots.rank_attention(ranks, (0, 1), correlations=corr)
+    assert [a.text for a in fig.layout.annotations] == ["<b>L0H1</b> most rare-token-focused head"]
+    fig = plots.rank_attention(ranks, [(0, 0), (0, 2)], correlations=corr, mark_most_rare=False)
+    assert len(fig.layout.annotations) == 2
+    with pytest.raises(ValueError, match="highlight"):
+        plots.rank_attention(ranks, (3, 3))
+
+
+def test_del_table_is_sized_to_its_content():
+    rows = pd.DataFrame([dict(method=m, ratio=r, target_id=t, d_self_acc=-0.5, d_self_dist=10.0, d_neg_acc=-0.1,
+                              d_neg_dist=2.0, d_rand_ppl=0.3)
+                         for m in ("hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations",
+                                   "random") for r in (0.005, 0.02, 0.1) for t in range(5)])
+    fig = plots.del_table_figure(rows)
+    table = fig.data[0]
+    n_rows, n_cols = 6, 1 + 15
+    assert len(table.header.values) == n_cols and len(table.cells.values[0]) == n_rows
+    assert table.cells.font.size >= 14 and table.header.font.size >= 14
+    content_h = table.header.height + n_rows * table.cells.height
+    m = fig.layout.margin
+    assert fig.layout.height - content_h - m.t - m.b <= 30            # no blank half below the table
+    assert abs(fig.layout.width - (sum(table.columnwidth) + m.l + m.r)) <= 10
+    assert "mean over 5 targets" in fig.layout.title.text
+
+
+def test_colour_bars_have_units_and_error_bars_are_explained():
+    g = plots.gradient_heatmap(_param_grads(("MP",)))
+    assert "∂" in g.data[0].colorbar.title.text and "nats" in g.data[0].colorbar.title.text
+    g = plots.gradient_heatmap(_param_grads(("MP",)), colorbar_title="max |∂CO/∂θ|")
+    assert g.data[0].colorbar.title.text == "max |∂CO/∂θ|"
+    gg = plots.gradient_heatmaps_by_group(_param_grads())
+    assert "nats" in gg.layout.coloraxis.colorbar.title.text
+    h = plots.head_token_heatmaps({"value-activation gradients, layer 0": torch.rand(2, 4),
+                                   "attention of the first decoded token, layer 0": torch.rand(2, 4)})
+    titles = [t.colorbar.title.text for t in h.data]
+    assert "∂NLL" in titles[0] and "attention" in titles[1]
+    h = plots.head_token_heatmaps({"a": torch.rand(2, 4), "b": torch.rand(2, 4)}, colorbar_titles=["u1", "u2"])
+    assert [t.colorbar.title.text for t in h.data] == ["u1", "u2"]
+    with pytest.raises(ValueError, match="colorbar_titles"):
+        plots.head_token_heatmaps({"a": torch.rand(2, 4)}, colorbar_titles=["u1", "u2"])
+    inj = pd.DataFrame([dict(seq_id=s, method="random", ratio=0.01, k=0.01, k_multiple=1, selection="per_layer",
+                             recall=0.1 * s, n_injected=41) for s in range(3)])
+    fig = plots.inj_recall_bars(inj)
+    assert "SEM" in fig.layout.yaxis.title.text and "n = 3" in fig.layout.yaxis.title.text
+    by_pos = pd.DataFrame({"group": ["memorized"] * 2 + ["non-memorized"] * 2, "position": [0, 1] * 2,
+                           "mean": [1.0, 2.0, 3.0, 4.0], "sem": 0.5, "n": [16, 16, 12, 12]})
+    fig = plots.perturbation_by_position(by_pos)
+    assert "SEM" in fig.layout.yaxis.title.text and "non-memorized: 12" in fig.layout.title.text

@@ -145,6 +145,97 @@ def _measure(model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor 
     return tf["accuracy"].double(), dist, ppl
 
 
+class _DropoutMeasurer:
+    """ΔAcc/ΔDist/Rand-PPL under several dropout masks at once, re-running only the layers a mask can touch.
+
+    Every mask of the benchmark leaves the excluded bottom layers ``< start`` intact, so the input of
+    block ``start`` is the same under every dropout: it is cached once per sequence
+    (:func:`memloc.localize._common.partial_forward`, checked against a full forward) and each
+    measurement re-runs blocks ``start..L-1`` only, unembedding only the positions read (the
+    suffix-predicting ones for Self/Neg, all but the last for Rand-PPL).  The masks are applied
+    row-wise (one mask per copy of the set in the batch) by a multiplicative hook at
+    ``blocks.{l}.mlp.hook_post`` (zero: ``h * keep``; mean: ``h * keep + mean * (1 - keep)``), so
+    the ratios of one (method, target) share forwards (up to ``batch_size`` rows each).  Equal to measuring each
+    mask under :func:`memloc.ablation.ablate` with full forwards (tests/test_benchmarks.py).
+    """
+
+    def __init__(self, model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
+                 tokenizer: Any, start: int, means: Tensor | None) -> None:
+        from ..localize._common import partial_forward, suffix_positions
+
+        self.model, self.tokens, self.prefix_len, self.batch_size = model, tokens, prefix_len, batch_size
+        self.tokenizer, self.start, self.means = tokenizer, start, means
+        self.runs = []
+        for part in (tokens, random_tokens):
+            if part is None:
+                self.runs.append(None)
+                continue
+            pos = suffix_positions(part.shape[1], prefix_len) if part is tokens else slice(0, part.shape[1] - 1)
+            fns = []
+            for i in range(0, len(part), batch_size):
+                fn = partial_forward(model, part[i:i + batch_size], start, pos, what="DEL dropout measurement")
+                if fn is None:
+                    self.ok = False
+                    return
+                fns.append((i, fn))
+            self.runs.append((part, fns))
+        self.ok = True
+
+    def _forward(self, which: int, keep: Tensor) -> list[Tensor]:
+        """Logits of every copy r of set ``which`` under ``keep[r]`` [R, layer, neuron] (float)."""
+        from ..models import neuron_hook_name
+
+        part, fns = self.runs[which]
+        n_layers = int(self.model.cfg.n_layers)
+        current: dict[str, Tensor] = {}
+
+        def hook(act, hook):
+            k = current["keep"][:, int(hook.name.split(".")[1])].to(act.dtype).unsqueeze(1)  # [rows, 1, neuron]
+            if self.means is None:
+                return act * k
+            m = self.means[int(hook.name.split(".")[1])].to(act.device, act.dtype)
+            return act * k + m * (1 - k)
+
+        out = [[] for _ in range(len(keep))]
+        hooks = [(neuron_hook_name(l), hook) for l in range(self.start, n_layers)]
+        with self.model.hooks(fwd_hooks=hooks), torch.no_grad():
+            # rows (copy r, sequence i), batched over copies: each cached chunk runs once per copy group
+            for i, fn in fns:
+                resid = fn.resid
+                b = len(resid)
+                per = max(1, self.batch_size // b)
+                for r0 in range(0, len(keep), per):
+                    rs = list(range(r0, min(len(keep), r0 + per)))
+                    current["keep"] = keep[rs].to(resid.device).repeat_interleave(b, dim=0)
+                    logits = fn(resid.repeat(len(rs), 1, 1))
+                    for j, r in enumerate(rs):
+                        out[r].append(logits[j * b:(j + 1) * b])
+        return [torch.cat(o) for o in out]
+
+    def __call__(self, masks: list[Tensor]) -> list[tuple[Tensor, Tensor, float]]:
+        import math
+
+        import torch.nn.functional as F
+
+        keep = (~torch.stack([m.cpu() for m in masks])).float()
+        target = self.tokens[:, self.prefix_len:]
+        results = []
+        tf_logits = self._forward(0, keep)
+        ppls = [float("nan")] * len(masks)
+        if self.runs[1] is not None:
+            part = self.runs[1][0]
+            for r, lg in enumerate(self._forward(1, keep)):
+                total = F.cross_entropy(lg.float().transpose(1, 2), part[:, 1:], reduction="sum").item()
+                ppls[r] = math.exp(total / part[:, 1:].numel())
+        for r, lg in enumerate(tf_logits):
+            lg = lg.float()
+            argmax = lg.argmax(-1).cpu()
+            acc = (argmax == target.cpu()).float().mean(1)
+            dist = char_distances(self.model, argmax, target.cpu(), self.tokenizer).double()
+            results.append((acc.double(), dist, ppls[r]))
+        return results
+
+
 def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                   tokens: Int[Tensor, "n seq"] | None = None, prefix_len: int | None = None, *,
                   ids: Sequence | None = None, targets: Sequence[int] | None = None, n_targets: int | None = None,
@@ -152,7 +243,7 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                   ratios: Sequence[float] = DEFAULT_DEL_RATIOS, method_kwargs: Mapping[str, Mapping] | None = None,
                   exclude_layers: Sequence[int] = (0,), random_tokens: Int[Tensor, "m seq"] | None = None,
                   n_random: int = 64, mode: Literal["zero", "mean"] = "zero", batch_size: int = 64,
-                  tokenizer: Any = None, cache_dir: str | Path | None = None,
+                  tokenizer: Any = None, cache_dir: str | Path | None = None, fast: bool = True,
                   progress_bar: bool = True) -> DelResult:
     """Run the DEL benchmark (Chang et al. §3.2/§5.2, Table 3 and Figure 2).
 
@@ -183,6 +274,11 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         batch_size: batch size of the teacher-forced passes.
         tokenizer: for the Levenshtein distance (default: the model's).
         cache_dir: cache attribution scores there (see :func:`~memloc.benchmarks.localize_cached`).
+        fast: measure the dropouts by re-running only the layers above the excluded ones, the
+            ratios of one (method, target) batched together (the same numbers as full forwards
+            under :func:`memloc.ablation.ablate`, which ``fast=False`` runs; see
+            ``_DropoutMeasurer``).  Methods with a ``layers`` keyword (ZERO-OUT, IG) score only
+            the non-excluded layers either way.
         progress_bar: progress bar over (method, target).
 
     Returns:
@@ -259,19 +355,30 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
         while start_layer in exclude_layers:
             start_layer += 1
+        # the excluded layers are never dropped: methods with a ``layers`` keyword (ZERO-OUT, IG) score
+        # only the others (the same top-k selection, without the cost of the excluded layers)
+        scored_layers = [l for l in range(n_layers) if l not in exclude_layers]
+        measurer = _DropoutMeasurer(model, tokens, prefix_len, random_tokens, batch_size, tokenizer, start_layer,
+                                    means) if fast else None
+        if measurer is not None and not measurer.ok:
+            measurer = None
         jobs = [(name, t) for name in fns for t in targets]
         for name, t in progress(jobs, enabled=progress_bar, desc="DEL", total=len(jobs)):
             scores = localize_cached(model, name, fns[name], tokens[t:t + 1], prefix_len,
-                                     with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer),
+                                     with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer,
+                                                   layers=scored_layers),
                                      cache_dir=cache_dir,
                                      fingerprint=fingerprint)
-            for r in ratios:
-                if r == 0:
-                    mask = torch.zeros_like(scores, dtype=torch.bool)
-                else:
-                    mask = select_top_k(scores, r, per_layer=True, exclude_layers=exclude_layers)
-                with ablate(model, mask, mode=mode, means=means):
-                    acc, dist, ppl = _measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer)
+            masks = [torch.zeros_like(scores, dtype=torch.bool) if r == 0 else
+                     select_top_k(scores, r, per_layer=True, exclude_layers=exclude_layers) for r in ratios]
+            if measurer is not None:
+                measured = measurer(masks)
+            else:
+                measured = []
+                for mask in masks:
+                    with ablate(model, mask, mode=mode, means=means):
+                        measured.append(_measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer))
+            for r, mask, (acc, dist, ppl) in zip(ratios, masks, measured):
                 da, dd = acc - acc0, dist - dist0
                 neg = torch.ones(n, dtype=torch.bool)
                 neg[t] = False

@@ -9,6 +9,7 @@ activation ... when the input consists of all the tokens before s_t").
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,10 @@ from .._checks import check_tokens
 from ..models import neuron_hook_name
 
 __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockInputs", "capture_clean",
-           "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error"]
+           "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error",
+           "partial_forward"]
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_sequence(model: Any, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
@@ -166,3 +170,46 @@ def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: 
     exact = torch.promote_types(h.dtype, torch.float32)
     pred = h.to(exact) @ w_out(model)[layer].to(exact) + (b[layer].detach().to(exact) if b is not None else 0.0)
     return relative_error(pred, out) < tol
+
+
+def _block_input_name(start: int) -> str:
+    return "blocks.0.hook_resid_pre" if start == 0 else f"blocks.{start - 1}.hook_resid_post"
+
+
+def partial_forward(model: Any, tokens: Int[Tensor, "batch seq"], start: int, positions: slice, *,
+                    atol: float | None = None, what: str = "partial forward") -> Callable[[], Tensor] | None:
+    """A function returning the logits at ``positions`` of ``model(tokens)`` that re-runs only blocks
+    ``start .. L-1``, the final norm and the unembedding *at those positions*, from the input of
+    block ``start`` cached once now (with the hooks active at that time on blocks < ``start``).
+
+    For loops whose hooks act only on blocks >= ``start`` (mask training above the bottom layer,
+    dropout of layers >= 1): blocks ``0..start-1`` and the unembedding of the other positions do
+    not depend on the loop, so skipping them gives the same logits (hooks registered later on
+    blocks >= ``start`` still fire, and autograd flows through the re-run blocks).  Checked once
+    against a full forward (relative ``atol``, default :func:`check_tolerance` of the dtype); if it does not match (an architecture whose
+    blocks need inputs this bridge does not expose), returns None after a logging WARNING, and
+    the caller runs the full forward (the slower path: about 1/L more block work plus the full
+    unembedding).  The block arguments (attention mask, ...) are captured on the first row, so
+    the returned function works for any number of rows of equal length; call it with a [rows, seq,
+    d_model] block input (e.g. ``fn.resid`` repeated) to run other rows.
+    """
+    name = _block_input_name(start)
+    logits, acts, _ = capture_clean(model, tokens, [name], capture_blocks=False)
+    _, _, inputs = capture_clean(model, tokens[:1], [])
+    resid = acts[name]
+
+    def run(x: Tensor | None = None) -> Tensor:
+        """Logits at ``positions``; ``x`` replaces the cached block input (any number of rows)."""
+        return logits_at(model, run_blocks_from(model, resid if x is None else x, start, inputs)[:, positions])
+
+    run.resid = resid  # type: ignore[attr-defined]
+
+    with torch.no_grad():
+        fast = run()
+    ref = logits[:, positions]
+    err = relative_error(fast, ref)
+    if not err < (check_tolerance(ref.dtype) if atol is None else atol):
+        logger.warning("%s: re-running blocks %d.. from a cached input does not reproduce the full forward "
+                       "(relative error %.2g); using full forwards (slower)", what, start, err)
+        return None
+    return run

@@ -47,7 +47,7 @@ from torch import Tensor
 from .._checks import check_positive_int
 from .._progress import progress
 from ..models import neuron_hook_name
-from ._common import memorization_loss, suffix_positions
+from ._common import memorization_loss, partial_forward, suffix_positions
 
 logger = logging.getLogger("memloc.localize")
 
@@ -134,6 +134,12 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
     (requires_grad off; the caller's ``borrowed`` restores the flags), the model stays in eval mode
     (no dropout, A.3).  Returns the number of optimizer steps taken; appends (step, mem_loss, reg)
     to ``history``.
+
+    Fast path: the masks act on layers >= ``start_layer`` only and the loss reads the suffix
+    positions only, so each step re-runs blocks ``start_layer..L-1`` from the cached input of block
+    ``start_layer`` and unembeds only the suffix positions (:func:`~memloc.localize._common.partial_forward`,
+    checked against a full forward once; identical logits) when that skips blocks or a quarter of
+    the positions' unembedding.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -152,12 +158,15 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
         return act * mask_fn(l).to(act.dtype)
 
     hooks = [(neuron_hook_name(l), hook) for l in range(start_layer, n_layers)]
+    # worth it when it skips blocks or a good part of the unembedding (not for INJ's prefix_len = 1)
+    useful = start_layer > 0 or (pos.stop - pos.start) < 0.75 * tokens.shape[1]
+    fast = partial_forward(model, tokens, start_layer, pos, what=desc) if useful else None
     steps = 0
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
         for step in progress(range(max_steps), enabled=progress_bar, desc=desc):
             opt.zero_grad(set_to_none=True)
-            logits = model(tokens)
-            mem = memorization_loss(logits[:, pos], target)[0]
+            logits = fast() if fast is not None else model(tokens)[:, pos]
+            mem = memorization_loss(logits, target)[0]
             reg = regularizer()
             mem_f, reg_f = float(mem.detach()), float(reg.detach())
             if history is not None:

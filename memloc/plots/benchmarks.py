@@ -56,8 +56,13 @@ def inj_recall_bars(df: pd.DataFrame, *, selection: str = "per_layer", title: st
                                  marker_color=colors[j % len(colors)],
                                  hovertemplate="%{x}<br>Recall@" + f"{r * m * 100:g}%" + ": %{y:.1f}<extra></extra>"),
                           row=1, col=c)
-    fig.update_layout(barmode="group", title=title or f"INJ benchmark: Recall@k% ({selection.replace('_', ' ')})",
-                      yaxis_title="recall x 100", template="plotly_white", legend_title="top-k%")
+    n_seq = int(d["seq_id"].nunique())
+    sub = (f"<br><sup>bars: mean over {n_seq} injected sequence{'s' if n_seq != 1 else ''}; error bars: ±1 standard "
+           "error of the mean over the sequences</sup>")
+    fig.update_layout(barmode="group",
+                      title=(title or f"INJ benchmark: Recall@k% ({selection.replace('_', ' ')})") + sub,
+                      yaxis_title=f"recall x 100 (±1 SEM, n = {n_seq})", template="plotly_white",
+                      legend_title="top-k%", margin=dict(t=100))
     return fig
 
 
@@ -67,24 +72,43 @@ def del_table_figure(df: pd.DataFrame | Any, *, title: str | None = None) -> go.
 
     Args:
         df: ``DelResult``, its ``rows``, or the output of :func:`memloc.benchmarks.del_table`.
+
+    The figure is sized to its content (fixed row heights, 14 px text, tight margins), so its PNG
+    is the table itself; overriding ``height``/``width`` afterwards only adds blank space.
     """
     from ..benchmarks.dele import DelResult, del_table
 
+    n_targets = None
     if isinstance(df, DelResult) or (isinstance(df, pd.DataFrame) and "target_id" in df.columns):
         t = del_table(df)
+        n_targets = (df.rows if isinstance(df, DelResult) else df)["target_id"].nunique()
     elif isinstance(df, pd.DataFrame) and isinstance(df.columns, pd.MultiIndex):
         t = df
     else:
         raise ValueError("df must be a DelResult, DelResult.rows or the table del_table returns")
-    header = ["method"] + [f"{m}<br>k = {r * 100:g}%" for m, r in t.columns]
-    cells = [[_label(m) for m in t.index]]
+    header = ["method"] + [f"<b>{m}</b><br>k = {r * 100:g}%" for m, r in t.columns]
+    cells = [[f"<b>{_label(m)}</b>" for m in t.index]]
     for m, r in t.columns:
         fmt = "{:+.1f}%" if "%" in m else "{:+.2f}" if "PPL" in m else "{:+.1f}"
         cells.append([fmt.format(v) if pd.notna(v) else "-" for v in t[(m, r)]])
-    fig = go.Figure(go.Table(header=dict(values=header, fill_color="#dde5f0", align="center"),
-                             cells=dict(values=cells, align=["left"] + ["right"] * (len(header) - 1))))
-    fig.update_layout(title=title or "DEL benchmark (Δ after dropout; Self-Acc ↓, Self-Dist ↑, Neg ≈ 0, Rand-PPL ≈ 0)",
-                      template="plotly_white", height=120 + 30 * len(t), width=max(700, 110 * len(header)))
+    # sized to the content: fixed row heights, a readable font, tight margins (the PNG is exactly the table)
+    font, header_h, cell_h = 14, 52, 30
+    method_w = max(110, 11 * max(len(_label(m)) for m in t.index) + 30)
+    col_w = max(100, 9 * max(len(m) for m, _ in t.columns) + 10)
+    width = method_w + col_w * len(t.columns) + 40
+    title_h = 50
+    height = title_h + header_h + cell_h * len(t) + 24
+    fig = go.Figure(go.Table(columnwidth=[method_w] + [col_w] * len(t.columns),
+                             header=dict(values=header, fill_color="#dde5f0", align="center", height=header_h,
+                                         font=dict(size=font)),
+                             cells=dict(values=cells, align=["left"] + ["right"] * (len(header) - 1), height=cell_h,
+                                        font=dict(size=font))))
+    text = title or "DEL benchmark (Δ after dropout; Self-Acc ↓, Self-Dist ↑, Neg ≈ 0, Rand-PPL ≈ 0)"
+    if n_targets is not None:
+        text += f" — mean over {n_targets} targets; k: neurons dropped per layer"
+    fig.update_layout(title=dict(text=text, font=dict(size=16), y=1 - 12 / height, yanchor="top", x=0.01),
+                      template="plotly_white", height=height, width=width,
+                      margin=dict(l=20, r=20, t=title_h, b=10))
     return fig
 
 

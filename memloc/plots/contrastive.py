@@ -14,7 +14,12 @@ _SPLIT_NAMES = {"memorized": "MP", "non-memorized": "NMP"}
 
 def finetune_trajectories(df: pd.DataFrame, *, value: str = "em") -> go.Figure:
     """Stoehr Fig. 5: mean EM of MPs and NMPs per fine-tuning step, one line per mask type and
-    split, one facet per objective (unlearning / editing).
+    split, one facet per objective (unlearning / editing).  For editing runs (rows with an
+    ``edit_em`` column, as :func:`memloc.contrastive.sparse_finetune` returns for
+    ``objective="edit"``) a third line per mask shows the **edit target**: the EM of the model's
+    continuation of the edit prefix against the edit target (the PMP's continuation), i.e.
+    whether the edit took hold (``edit_nll`` when ``value="nll"``).  Error bars are ±1 standard
+    error of the mean over the paragraphs of each line; the subtitle gives their numbers.
 
     Args:
         df: the DataFrame of :func:`memloc.contrastive.sparse_finetune`, or several of them
@@ -26,16 +31,37 @@ def finetune_trajectories(df: pd.DataFrame, *, value: str = "em") -> go.Figure:
         raise ValueError(f"df must be a DataFrame from sparse_finetune with columns {sorted(need)}")
     if df.empty:
         raise ValueError("df is empty")
-    agg = (df.groupby(["objective", "mask", "split", "step"], sort=True)[value]
-           .agg(["mean", "sem"]).reset_index())
+    cols = ["objective", "mask", "split", "step"]
+    long = df[cols + [value]].rename(columns={value: "value"})
+    edit_col = f"edit_{value}"
+    has_edit = edit_col in df.columns and df[edit_col].notna().any()
+    if has_edit:
+        e = df[df[edit_col].notna()]
+        long = pd.concat([long, e[cols].assign(split="edit target", value=e[edit_col].to_numpy())],
+                         ignore_index=True)
+    agg = long.groupby(cols, sort=True)["value"].agg(["mean", "sem", "count"]).reset_index()
     agg["sem"] = agg["sem"].fillna(0.0)
     agg["paragraphs"] = agg["split"].map(lambda s: _SPLIT_NAMES.get(s, s))
+    label = value.upper() if value in ("em", "nll") else value
     fig = px.line(agg, x="step", y="mean", color="mask", line_dash="paragraphs", facet_col="objective",
                   error_y="sem", markers=True,
-                  labels={"mean": f"mean {value.upper() if value == 'em' else value}", "step": "optimization step"},
-                  category_orders={"mask": ["top", "all", "random"], "objective": ["unlearn", "edit"]})
-    fig.update_layout(title="Sparse fine-tuning on the contrastive objective (Stoehr et al. Fig. 5)",
-                      template="plotly_white")
+                  labels={"mean": f"mean {label} (±1 SEM over paragraphs)", "step": "optimization step",
+                          "paragraphs": "paragraphs"},
+                  category_orders={"mask": ["top", "all", "random"], "objective": ["unlearn", "edit"],
+                                   "paragraphs": ["MP", "NMP", "edit target"]},
+                  line_dash_map={"MP": "solid", "NMP": "dot", "edit target": "dashdot"})
+    facet = {"unlearn": "unlearning (CO↓)", "edit": "editing into PMPs (CO↔)"}
+    fig.for_each_annotation(lambda a: a.update(text=facet.get(a.text.split("=")[-1], a.text)))
+    n = agg.groupby("paragraphs")["count"].max()
+    plural = {"MP": "MPs", "NMP": "NMPs", "edit target": "edit targets"}
+    counts = ", ".join(f"{int(n[k])} {plural[k]}" for k in plural if k in n.index)
+    sub = f"error bars: ±1 standard error of the mean over the paragraphs of each line ({counts})"
+    sub += "<br>NMP: EM against their original greedy continuation"
+    if has_edit:
+        sub += "; edit target: EM of the PMP prefix's continuation against the PMP continuation"
+    fig.update_layout(title=dict(text="Sparse fine-tuning on the contrastive objective (Stoehr et al. Fig. 5)"
+                                      f"<br><sup>{sub}</sup>"),
+                      template="plotly_white", margin=dict(t=120), width=1150, height=560)
     return fig
 
 

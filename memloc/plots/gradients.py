@@ -20,23 +20,33 @@ def _matrix(df: pd.DataFrame) -> tuple[np.ndarray, list[str], list[int]]:
     return mat.numpy(), cols, layers
 
 
+#: Colour-bar title of the parameter-gradient heatmaps: what the value is, and its unit (the loss is in nats).
+GRADIENT_UNITS = "|∂loss/∂θ|,<br>pooled per<br>block (nats per<br>unit weight)"
+
+
 def gradient_heatmap(df: pd.DataFrame, *, title: str = "Parameter gradient attribution",
-                     colorscale: str = "Viridis") -> go.Figure:
-    """Fig. 4: layer x component(head) heatmap of a ``parameter_gradients`` table (paragraphs averaged)."""
+                     colorscale: str = "Viridis", colorbar_title: str | None = None) -> go.Figure:
+    """Fig. 4: layer x component(head) heatmap of a ``parameter_gradients`` table (paragraphs averaged).
+
+    ``colorbar_title`` names the value and its unit (default :data:`GRADIENT_UNITS`; e.g. ``"max
+    |∂CO/∂θ| (nats per unit weight)"`` for :func:`memloc.contrastive.contrastive_gradients`)."""
     if not isinstance(df, pd.DataFrame) or df.empty:
         raise ValueError("df must be a non-empty parameter_gradients DataFrame")
     z, cols, layers = _matrix(df)
     fig = go.Figure(go.Heatmap(z=z, x=cols, y=[f"L{l}" for l in layers], colorscale=colorscale,
+                               colorbar=dict(title=dict(text=colorbar_title or GRADIENT_UNITS, font=dict(size=12))),
                                hovertemplate="%{y} %{x}: %{z:.3g}<extra></extra>"))
-    fig.update_layout(title=title, height=150 + 30 * len(layers), width=max(700, 14 * len(cols)),
+    fig.update_layout(title=title, height=max(400, 220 + 40 * len(layers)), width=max(760, 18 * len(cols) + 260),
                       yaxis=dict(autorange="reversed"))
-    fig.update_xaxes(tickangle=-90)
+    fig.update_xaxes(tickangle=-90, dtick=1)
     return fig
 
 
 def gradient_heatmaps_by_group(df: pd.DataFrame, group_col: str = "group", *,
-                               title: str = "Parameter gradients by group", shared_scale: bool = True) -> go.Figure:
-    """Fig. 4 / Fig. 9: one heatmap per group (MP vs NMP, or EM bins), stacked vertically."""
+                               title: str = "Parameter gradients by group", shared_scale: bool = True,
+                               colorbar_title: str | None = None) -> go.Figure:
+    """Fig. 4 / Fig. 9: one heatmap per group (MP vs NMP, or EM bins), stacked vertically; the colour bar
+    is titled ``colorbar_title`` (default :data:`GRADIENT_UNITS`)."""
     if not isinstance(df, pd.DataFrame) or group_col not in df.columns:
         raise ValueError(f"df must be a DataFrame with a {group_col!r} column (parameter_gradients_by_group)")
     groups = list(pd.unique(df[group_col]))
@@ -49,13 +59,18 @@ def gradient_heatmaps_by_group(df: pd.DataFrame, group_col: str = "group", *,
         z, cols, layers = mats[g]
         fig.add_trace(go.Heatmap(z=z, x=cols, y=[f"L{l}" for l in layers], zmin=zmin, zmax=zmax,
                                  coloraxis="coloraxis" if shared_scale else None,
+                                 colorbar=None if shared_scale else dict(title=dict(text=colorbar_title
+                                                                                    or GRADIENT_UNITS,
+                                                                                    font=dict(size=12))),
                                  hovertemplate=f"{g}: " + "%{y} %{x}: %{z:.3g}<extra></extra>"), row=i + 1, col=1)
         fig.update_yaxes(autorange="reversed", row=i + 1, col=1)
     n_layers = max(len(m[2]) for m in mats.values())
     fig.update_layout(title=title, height=120 + len(groups) * (60 + 25 * n_layers),
                       width=max(700, 14 * len(mats[groups[0]][1])))
     if shared_scale:
-        fig.update_layout(coloraxis=dict(colorscale="Viridis"))
+        fig.update_layout(coloraxis=dict(colorscale="Viridis",
+                                         colorbar=dict(title=dict(text=colorbar_title or GRADIENT_UNITS,
+                                                                  font=dict(size=12)))))
     fig.update_xaxes(tickangle=-90)
     return fig
 

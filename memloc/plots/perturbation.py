@@ -78,7 +78,9 @@ def perturbation_by_position(df: pd.DataFrame, *, title: str = "Mean EM drop per
     """Fig. 3 bottom: mean EM drop per prefix position, one line per group (e.g. memorized vs non-memorized).
 
     Args:
-        df: output of ``memloc.perturb.em_drop_by_position`` (columns ``group, position, mean, sem``).
+        df: output of ``memloc.perturb.em_drop_by_position`` (columns ``group, position, mean, sem``,
+            optionally ``n``); error bars are ±1 ``sem`` (standard error over the paragraphs of a
+            group), and the y axis and subtitle say so (with each group's ``n``).
     """
     need = {"group", "position", "mean"}
     if not isinstance(df, pd.DataFrame) or not need <= set(df.columns):
@@ -90,6 +92,13 @@ def perturbation_by_position(df: pd.DataFrame, *, title: str = "Mean EM drop per
         err = dict(type="data", array=d["sem"], visible=True) if "sem" in d.columns else None
         fig.add_trace(go.Scatter(x=d["position"], y=d["mean"], mode="lines+markers", name=str(g), error_y=err,
                                  line=dict(color=colors.get(str(g)))))
-    fig.update_layout(title=title, xaxis_title="perturbed prefix position", yaxis_title="mean EM drop",
-                      height=400, width=800)
+    ytitle = "mean EM drop"
+    if "sem" in df.columns:
+        ytitle += " (±1 SEM over paragraphs)"
+        if "n" in df.columns:
+            n = df.groupby("group")["n"].max()
+            title += ("<br><sup>error bars: ±1 standard error of the mean over the paragraphs of each group ("
+                      + ", ".join(f"{g}: {int(v)}" for g, v in n.items()) + ")</sup>")
+    fig.update_layout(title=title, xaxis_title="perturbed prefix position", yaxis_title=ytitle,
+                      height=450, width=850, margin=dict(t=100))
     return fig
