@@ -6,6 +6,7 @@ the table in the paper's layout (Table 2 for INJ, Table 3 for DEL).
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from . import add_model_arg, write_json
@@ -14,8 +15,17 @@ from . import add_model_arg, write_json
 DEFAULT_METHODS = ["hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations", "random"]
 
 
+EPILOG = """examples:
+  memloc bench del --methods hard_concrete,slimming,random --n 4 --ratio 0.1
+  memloc bench del --methods hard_concrete --n 2 --method-kwargs '{"hard_concrete": {"max_steps": 200, "lr": 0.05}}'
+  memloc bench inj --methods ig,zero_out,random --n 4 --ratio 0.01 --json /tmp/inj.json
+  memloc bench inj --methods integrated_gradients --n 2 --method-kwargs '{"integrated_gradients": {"steps": 8}}'
+"""
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="the INJ and DEL localization benchmarks (Chang et al. 2024)")
+    p = sub.add_parser("bench", help="the INJ and DEL localization benchmarks (Chang et al. 2024)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmark", choices=["inj", "del"], help="inj: recall of injected neurons; "
                    "del: forgetting after dropping out located neurons")
     add_model_arg(p)
@@ -33,7 +43,9 @@ def add_parser(sub) -> None:
                    help="INJ: injection ratios r (default 0.01 0.005); DEL: dropout ratios k per layer "
                         "(default 0.005 0.05 0.1)")
     p.add_argument("--method-kwargs", default=None,
-                   help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"steps": 200}}\'')
+                   help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"max_steps": 200}}\' '
+                        '(checked against each method\'s hyperparameters before any work: '
+                        'memloc.localize.METHODS[name].defaults lists them)')
     p.add_argument("--authors-defaults", action="store_true",
                    help="on the embedded model, use the authors' released SLIMMING / HARD CONCRETE settings instead "
                         "of the model's dev-set selection (memloc.data.tuned_hyperparameters)")
@@ -64,26 +76,43 @@ def _kwargs(arg) -> dict | None:
     return out
 
 
+def check_args(args) -> tuple[list[str], dict[str, dict]]:
+    """Validate the options before any work (no model is loaded): the method names (aliases become
+    canonical names) and every ``--method-kwargs`` hyperparameter against the method registry,
+    with the embedded model's dev-set-selected settings merged in unless ``--authors-defaults``.
+    Returns ``(methods, method_kwargs)``."""
+    from ..benchmarks import check_method_kwargs, resolve_methods
+
+    try:
+        fns = resolve_methods(_methods(args.methods))
+    except ValueError as exc:
+        raise ValueError(f"--methods: {exc}") from exc
+    methods = list(fns)
+    try:
+        kwargs = check_method_kwargs(_kwargs(args.method_kwargs), fns)
+    except ValueError as exc:
+        raise ValueError(f"--method-kwargs: {exc}") from exc
+    if args.n is not None and args.n <= 0:
+        raise ValueError(f"--n must be a positive int, got {args.n}")
+    if args.model in (None, "tiny") and not args.authors_defaults:
+        from ..data import tuned_hyperparameters
+
+        tuned = {m: kw for m, kw in tuned_hyperparameters("tiny").items() if m in fns}
+        kwargs = check_method_kwargs({**kwargs, **{m: {**kw, **kwargs[m]} for m, kw in tuned.items()}}, fns)
+        if tuned:
+            print("dev-set-selected hyperparameters (Chang et al. A.7): "
+                  + "; ".join(f"{m} {kwargs[m]}" for m in tuned))
+    return methods, {m: kw for m, kw in kwargs.items() if kw}
+
+
 def run(args) -> int:
     import pandas as pd
 
     from ..benchmarks import DEFAULT_DEL_RATIOS, DEFAULT_INJ_RATIOS, del_benchmark, del_table, inj_benchmark, inj_table
     from ..models import load_model
 
-    methods = _methods(args.methods)
-    kwargs = _kwargs(args.method_kwargs)
-    if args.n is not None and args.n <= 0:
-        raise ValueError(f"--n must be a positive int, got {args.n}")
+    methods, kwargs = check_args(args)
     model = load_model(args.model, device=args.device)
-    if args.model in (None, "tiny") and not args.authors_defaults:
-        from ..data import tuned_hyperparameters
-
-        tuned = {m: kw for m, kw in tuned_hyperparameters("tiny").items() if m in methods}
-        user = kwargs or {}
-        kwargs = {**user, **{m: {**kw, **(user.get(m) or {})} for m, kw in tuned.items()}}
-        if tuned:
-            print("dev-set-selected hyperparameters (Chang et al. A.7): "
-                  + "; ".join(f"{m} {kw}" for m, kw in kwargs.items() if m in tuned))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.2f}".format):
         if args.benchmark == "inj":
             ratios = args.ratio or list(DEFAULT_INJ_RATIOS)
