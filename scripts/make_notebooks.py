@@ -359,7 +359,7 @@ from memloc.heads import first_token_attention
 x = MP[:1]
 ag = activation_gradients(model, x, prefix_len, components=["v"], layers=[LAYER], progress_bar=False)
 gmat = ag[ag.position < prefix_len].pivot_table(index="head", columns="position", values="value").to_numpy()
-att = first_token_attention(model, x, prefix_len, layer=LAYER, progress_bar=False)[0]
+att = first_token_attention(model, x, prefix_len, layers=LAYER, progress_bar=False)[0]
 labels = plots.token_labels(model, x[0, :prefix_len].tolist())
 plots.head_token_heatmaps({"value-activation gradients": gmat, "first-token attention": att}, labels,
                           title=f"Layer {LAYER} (memorization head H{HEAD})").show()'''),
