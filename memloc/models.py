@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +17,13 @@ from typing import Any, Iterator
 import torch
 
 logger = logging.getLogger(__name__)
+
+# TransformerLens 4.3's bridge hands the KV cache to Hugging Face as `past_key_values`, which
+# transformers >= 5.2x deprecates in favour of `cache` (a FutureWarning on every cached forward,
+# e.g. each greedy decoding step).  The keyword is TransformerLens's choice, not the user's or
+# memloc's, so this one message is not shown; every other warning is.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated and will be removed",
+                        category=FutureWarning)
 
 #: Names that select the embedded model shipped inside the package.
 TINY_NAMES = (None, "tiny")

@@ -48,3 +48,12 @@ def test_notebook_executes(path, monkeypatch):
     client.execute()  # raises CellExecutionError on any cell error
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    # an executed notebook carries no warnings: nothing on stderr (TqdmWarning without ipywidgets,
+    # NumPy's non-writable-array warning, deprecations ...) and no "Warning" in any text output
+    noise = [(i, o.get("text", "")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             for o in c.get("outputs", []) if o.output_type == "stream" and o.name == "stderr"]
+    assert not noise, "stderr in executed cells:\n" + "\n".join(f"cell {i}: {t[:500]}" for i, t in noise)
+    texts = [(i, o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))) for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" for o in c.get("outputs", [])]
+    warned = [(i, t[:300]) for i, t in texts if "Warning:" in t]
+    assert not warned, warned
