@@ -203,7 +203,7 @@ def unigram_counts_from_tokens(tokens: Int[Tensor, "..."], vocab: int) -> Int[Te
     """
     if not isinstance(tokens, Tensor):
         try:
-            tokens = torch.as_tensor(np.asarray(tokens))
+            tokens = torch.as_tensor(np.array(tokens))  # a copy: read-only arrays warn
         except Exception as exc:
             raise ValueError(f"tokens must be an integer tensor, could not convert: {exc}") from exc
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -221,7 +221,7 @@ def _check_frequencies(frequencies: Any, d_vocab: int) -> Float[Tensor, "vocab"]
         raise ValueError("frequencies must be a 1-D table of corpus unigram counts, got None")
     if not isinstance(frequencies, Tensor):
         try:
-            frequencies = torch.as_tensor(np.asarray(frequencies))
+            frequencies = torch.as_tensor(np.array(frequencies))
         except Exception as exc:
             raise ValueError(f"frequencies must be a 1-D numeric table of length {d_vocab}: {exc}") from exc
     if frequencies.dtype == torch.bool or frequencies.dtype.is_complex:

@@ -67,3 +67,20 @@ def test_jupyter_front_end_and_nbconvert_are_installed():
     out = subprocess.run([sys.executable, "-m", "nbconvert", "--version"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-1000:]
+
+
+def test_pandas_selections_make_no_read_only_array_warning(tiny_paragraphs):
+    """pandas >= 3 hands out read-only arrays; converting them must not trigger torch's warning."""
+    import warnings
+
+    from memloc.heads import unigram_counts_from_tokens
+
+    mask = tiny_paragraphs.table["count"] > 100
+    ro = tiny_paragraphs.table.index[mask].to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_mask = tiny_paragraphs.subset(mask)
+        by_ids = tiny_paragraphs.subset(ro)
+        counts = unigram_counts_from_tokens(tiny_paragraphs.tokens[:2].numpy().copy().view(), 4096)
+    assert len(by_mask) == int(mask.sum()) == len(by_ids) > 0
+    assert int(counts.sum()) == tiny_paragraphs.tokens[:2].numel()
