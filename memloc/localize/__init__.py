@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
+from jaxtyping import Float, Int
+from torch import Tensor
+
 from .activations import activations
 from .attribution_patching import attribution_patching
 from .hard_concrete import hard_concrete, hard_concrete_mask, l0_regularizer
@@ -50,14 +53,14 @@ class Method:
         stochastic: whether its scores depend on a ``seed`` hyperparameter (the benchmarks then
             seed it per sequence).
         defaults: every keyword hyperparameter it accepts, with its default value; declared here,
-            not discovered (``tests/test_localize_registry.py`` checks them against ``fn``).
+            not discovered (``tests/test_registry.py`` checks them against ``fn``).
     """
 
     name: str
     fn: Callable[..., Any]
     equation: str
     stochastic: bool
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -67,20 +70,10 @@ class Method:
         """Names of the keyword hyperparameters ``fn`` accepts."""
         return frozenset(self.defaults)
 
-    def __call__(self, model: Any, tokens: Any, prefix_len: int, **hyperparameters: Any) -> Any:
+    def __call__(self, model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int,
+                 **hyperparameters: Any) -> Float[Tensor, "layer neuron"]:
+        """``fn(model, tokens, prefix_len, **hyperparameters)``."""
         return self.fn(model, tokens, prefix_len, **hyperparameters)
-
-    def check_kwargs(self, kwargs: Mapping[str, Any], name: str = "hyperparameters") -> dict[str, Any]:
-        """``kwargs`` as a dict if every key is a hyperparameter of this method; else a ValueError
-        naming the unknown keys and listing the valid ones (before any work)."""
-        if not isinstance(kwargs, Mapping):
-            raise ValueError(f"{name} of method {self.name!r} must be a dict of hyperparameters, "
-                             f"got {type(kwargs).__name__}")
-        unknown = sorted(str(k) for k in kwargs if k not in self.defaults)
-        if unknown:
-            raise ValueError(f"{name}: method {self.name!r} does not take {unknown}; its hyperparameters are "
-                             f"{sorted(self.defaults)}")
-        return dict(kwargs)
 
 
 class MethodRegistry(Mapping[str, Method]):
@@ -122,7 +115,7 @@ class MethodRegistry(Mapping[str, Method]):
 
 
 # Each record declares the method's hyperparameters and defaults explicitly (keep them in step
-# with the function signature; tests/test_localize_registry.py compares the two).
+# with the function signature; tests/test_registry.py compares the two).
 _MASK_DEFAULTS = dict(lam=1000.0, lr=1e-2, max_steps=5000, stop_loss=0.1, check_every=10, start_layer=0,
                       progress_bar=True, history=None)
 
