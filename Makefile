@@ -1,6 +1,7 @@
-# Two commands set up and run everything on a fresh machine:
+# Set up and run everything on a fresh machine:
 #   make demo   -- create .venv, install memloc, run the main job on the embedded model
 #   make test   -- create .venv, install memloc with dev extras, run the whole test suite
+#   make notebooks -- open the walk-through notebooks (notebooks/) in JupyterLab
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: a range would pull several GB of CUDA wheels (see DESIGN.md)
+	# torch first and pinned: from PyPI a range would pull the CUDA build and several GB of NVIDIA wheels
 	$(BIN)/pip install --quiet torch==2.13.0
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
@@ -22,7 +23,7 @@ browser:
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	    echo "warning: could not install chromium; PNG export will fail (HTML figures still work)"; }
 
-.PHONY: install demo test
+.PHONY: install demo test notebooks
 install: $(VENV)/.installed browser
 
 demo: install
@@ -30,3 +31,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+# JupyterLab (dev extras, with ipywidgets so progress bars render) on the walk-through notebooks
+notebooks: install
+	$(BIN)/jupyter lab notebooks/

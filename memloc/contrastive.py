@@ -39,6 +39,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_tokens
+from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
 from .gradients import parameter_components
@@ -212,7 +213,8 @@ def _pool_components(model: Any, grads: dict[str, Tensor], pooling: str) -> pd.D
     return pd.DataFrame(rows)
 
 
-def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int[Tensor, "N seq"],
+@renamed_kwargs(nonmemorized="non_memorized")
+def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
                           prefix_len: int, *, objective: Literal["unlearn", "edit"] = "unlearn",
                           n_nmp_per_batch: int = 8, seed: int = 0, pooling: Literal["max", "sum", "mean"] = "max",
                           aggregate: Literal["gradient", "score"] = "gradient",
@@ -238,7 +240,7 @@ def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], nonmemori
     W_K, W_V, W_O, W_in, W_out[, W_gate]; head = -1 for MLP blocks), one row per block.  See
     :func:`top_components` for the most salient blocks.  ``.grad`` is never touched.
     """
-    mp, nmp = _check_sets(model, memorized, nonmemorized, prefix_len, nmp_name="nonmemorized")
+    mp, nmp = _check_sets(model, memorized, non_memorized, prefix_len)
     edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_positive_int(n_nmp_per_batch, "n_nmp_per_batch")
     if n_nmp_per_batch > len(nmp):
@@ -321,8 +323,8 @@ def _co_gradients(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_
     return dict(zip(names, grads))
 
 
-def _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, mask, fraction, seed, edit_targets):
-    mp, nmp = _check_sets(model, memorized, nonmemorized, prefix_len, nmp_name="nonmemorized")
+def _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction, seed, edit_targets):
+    mp, nmp = _check_sets(model, memorized, non_memorized, prefix_len)
     edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_choice(mask, "mask", MASKS)
     check_fraction(fraction, "fraction")
@@ -331,7 +333,8 @@ def _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, 
     return mp, nmp, edit_seq
 
 
-def finetune_mask(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int[Tensor, "N seq"], prefix_len: int, *,
+@renamed_kwargs(nonmemorized="non_memorized")
+def finetune_mask(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
                   objective: Literal["unlearn", "edit"] = "unlearn", mask: Literal["top", "random", "all"] = "top",
                   fraction: float = 0.001, seed: int = 0,
                   edit_targets: Int[Tensor, "n T_or_seq"] | None = None) -> dict[str, Bool[Tensor, "..."]]:
@@ -342,7 +345,7 @@ def finetune_mask(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int
     layer or per component; CO over the whole MP set and NMP set); ``"random"``: as many weights
     drawn uniformly at random (``seed``); ``"all"``: every eligible weight.
     """
-    mp, nmp, edit_seq = _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, mask, fraction,
+    mp, nmp, edit_seq = _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
     with borrowed(model):
         names = eligible_parameters(model)
@@ -431,7 +434,8 @@ def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, n
     return rows
 
 
-def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int[Tensor, "N seq"], prefix_len: int,
+@renamed_kwargs(nonmemorized="non_memorized")
+def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"], prefix_len: int,
                     *, objective: Literal["unlearn", "edit"] = "unlearn", mask: Literal["top", "random", "all"] = "top",
                     fraction: float = 0.001, steps: int = 10, lr: float = 1e-3, seed: int = 0,
                     edit_targets: Int[Tensor, "n T_or_seq"] | None = None, n_nmp_per_batch: int | None = None,
@@ -475,7 +479,7 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: I
     continuation positions (:func:`memloc.localize._common.partial_forward`, checked once against
     a full forward; otherwise full forwards after a WARNING).
     """
-    mp, nmp, edit_seq = _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, mask, fraction,
+    mp, nmp, edit_seq = _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
@@ -64,7 +65,8 @@ class ParagraphSet:
 
     def subset(self, mask_or_ids: Any) -> "ParagraphSet":
         """The paragraphs selected by a boolean mask or index list (table rows follow)."""
-        idx = torch.as_tensor(pd.Series(mask_or_ids).to_numpy() if isinstance(mask_or_ids, pd.Series) else mask_or_ids)
+        # np.array copies: pandas (copy-on-write) hands out read-only arrays, which torch warns about
+        idx = mask_or_ids if isinstance(mask_or_ids, torch.Tensor) else torch.as_tensor(np.array(mask_or_ids))
         if idx.dtype == torch.bool:
             if len(idx) != len(self):
                 raise ValueError(f"mask has {len(idx)} entries for {len(self)} paragraphs")

@@ -40,6 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
+from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
 
@@ -126,8 +127,9 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
     return torch.cat(out)
 
 
+@renamed_kwargs(layer="layers")
 def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
-                          layer: int | Sequence[int] | None = None, batch_size: int = 32,
+                          layers: int | Sequence[int] | None = None, batch_size: int = 32,
                           progress_bar: bool = True
                           ) -> Float[Tensor, "n layer head prefix"] | Float[Tensor, "n head prefix"]:
     """Attention of the first decoded token onto the prefix (Stoehr et al. §6.2, Fig. 6 bottom).
@@ -143,8 +145,9 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
         model: a TransformerBridge in compatibility mode (borrowed, left unchanged).
         tokens: Int[Tensor, "n seq"] paragraphs; only the prefix is run through the model.
         prefix_len: prefix length (1..seq-1).
-        layer: ``None`` (all layers, result "n layer head prefix"), one int (result
+        layers: ``None`` (all layers, result "n layer head prefix"), one int (result
             "n head prefix"), or a sequence of ints (result "n layer head prefix" in that order).
+            (``layer=`` is its deprecated name.)
         batch_size: paragraphs per forward pass.
         progress_bar: show a progress bar over batches.
 
@@ -152,18 +155,19 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
         Float[Tensor, "n layer head prefix"] (or "n head prefix" for one int layer), float32, CPU.
 
     Raises:
-        ValueError: bad tokens, prefix_len, layer or batch_size (before any forward pass).
+        ValueError: bad tokens, prefix_len, layers or batch_size (before any forward pass).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    chosen = _check_layers(model, layers, "layers")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
-        out = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
-    return out[:, 0] if isinstance(layer, (int, np.integer)) else out
+        out = _pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
+    return out[:, 0] if isinstance(layers, (int, np.integer)) else out
 
 
+@renamed_kwargs(layer="layers")
 def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
-                                layer: int | Sequence[int] | None = None, batch_size: int = 32,
+                                layers: int | Sequence[int] | None = None, batch_size: int = 32,
                                 decode: bool = True, progress_bar: bool = True) -> pd.DataFrame:
     """Tidy version of :func:`first_token_attention` (Stoehr et al. §6.2, Fig. 6 bottom).
 
@@ -173,7 +177,7 @@ def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix
         ``decode`` and the model has a tokenizer, ``token`` (the decoded key token).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    layers = _check_layers(model, layers, "layers")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
         att = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
@@ -199,7 +203,7 @@ def unigram_counts_from_tokens(tokens: Int[Tensor, "..."], vocab: int) -> Int[Te
     """
     if not isinstance(tokens, Tensor):
         try:
-            tokens = torch.as_tensor(np.asarray(tokens))
+            tokens = torch.as_tensor(np.array(tokens))  # a copy: read-only arrays warn
         except Exception as exc:
             raise ValueError(f"tokens must be an integer tensor, could not convert: {exc}") from exc
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -217,7 +221,7 @@ def _check_frequencies(frequencies: Any, d_vocab: int) -> Float[Tensor, "vocab"]
         raise ValueError("frequencies must be a 1-D table of corpus unigram counts, got None")
     if not isinstance(frequencies, Tensor):
         try:
-            frequencies = torch.as_tensor(np.asarray(frequencies))
+            frequencies = torch.as_tensor(np.array(frequencies))
         except Exception as exc:
             raise ValueError(f"frequencies must be a 1-D numeric table of length {d_vocab}: {exc}") from exc
     if frequencies.dtype == torch.bool or frequencies.dtype.is_complex:
@@ -305,8 +309,9 @@ def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor,
     return df
 
 
+@renamed_kwargs(layer="layers")
 def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
-                         frequencies: Float[Tensor, "vocab"], *, layer: int | Sequence[int] | None = None,
+                         frequencies: Float[Tensor, "vocab"], *, layers: int | Sequence[int] | None = None,
                          ties: Literal["min", "dense"] = "min", batch_size: int = 32,
                          attention: Float[Tensor, "n layer head prefix"] | None = None,
                          progress_bar: bool = True) -> pd.DataFrame:
@@ -323,10 +328,10 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         prefix_len: prefix length (1..seq-1).
         frequencies: Int/Float[Tensor, "vocab"] corpus unigram counts, one per vocabulary entry
             (``memloc.data.unigram_counts("tiny")`` or :func:`unigram_counts_from_tokens`).
-        layer: layers to analyse (None = all).
+        layers: layers to analyse (None = all; ``layer=`` is its deprecated name).
         ties: ``"min"`` (default) or ``"dense"``, see :func:`frequency_ranks`.
         batch_size: paragraphs per forward pass.
-        attention: optional precomputed :func:`first_token_attention` result for ``layer``
+        attention: optional precomputed :func:`first_token_attention` result for ``layers``
             (skips the forward passes).
         progress_bar: progress bar over batches.
 
@@ -336,7 +341,7 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         all paragraphs), ``n_paragraphs`` (paragraphs where the rank occurs), ``n`` (paragraphs).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    layers = _check_layers(model, layers, "layers")
     freq = _check_frequencies(frequencies, int(model.cfg.d_vocab))
     check_choice(ties, "ties", TIES)
     check_positive_int(batch_size, "batch_size")
@@ -414,13 +419,13 @@ def _per_head(df: pd.DataFrame, what: str, n_layers: int, n_heads: int) -> pd.Se
     return s.reindex(full)
 
 
-def _contrastive_evidence(model: Any, memorized: Tensor, nonmemorized: Tensor, prefix_len: int,
+def _contrastive_evidence(model: Any, memorized: Tensor, non_memorized: Tensor, prefix_len: int,
                           kwargs: dict, progress_bar: bool) -> pd.DataFrame:
     from .contrastive import contrastive_gradients
 
     kwargs.setdefault("progress_bar", progress_bar)
-    kwargs.setdefault("n_nmp_per_batch", min(8, len(nonmemorized)))
-    df = contrastive_gradients(model, memorized, nonmemorized, prefix_len, **kwargs)
+    kwargs.setdefault("n_nmp_per_batch", min(8, len(non_memorized)))
+    df = contrastive_gradients(model, memorized, non_memorized, prefix_len, **kwargs)
     return df[df["component"] == "W_V"]
 
 
@@ -450,13 +455,14 @@ def _value_gradient_per_head(df: pd.DataFrame, prefix_len: int) -> pd.DataFrame:
     return peak.groupby(["layer", "head"], as_index=False)["value"].mean()
 
 
-def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int[Tensor, "m seq"],
+@renamed_kwargs(nonmemorized="non_memorized", activation_nonmemorized="activation_non_memorized")
+def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "m seq"],
                             prefix_len: int, *, frequencies: Float[Tensor, "vocab"] | None = None,
                             evidence: Sequence[str] = EVIDENCE, ties: Literal["min", "dense"] = "min",
                             method: Literal["pearson", "spearman"] = "pearson",
                             contrastive: pd.DataFrame | None = None,
                             activation_memorized: pd.DataFrame | None = None,
-                            activation_nonmemorized: pd.DataFrame | None = None,
+                            activation_non_memorized: pd.DataFrame | None = None,
                             contrastive_kwargs: dict | None = None, activation_kwargs: dict | None = None,
                             rare_fraction: float = 0.1, batch_size: int = 32,
                             progress_bar: bool = True) -> pd.DataFrame:
@@ -488,7 +494,8 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemo
     Args:
         model: the TransformerBridge (borrowed, left unchanged).
         memorized: Int[Tensor, "n seq"] memorized paragraphs (MPs).
-        nonmemorized: Int[Tensor, "m seq"] non-memorized paragraphs (NMPs).
+        non_memorized: Int[Tensor, "m seq"] non-memorized paragraphs (NMPs) (``nonmemorized=`` is
+            its deprecated name, as ``activation_nonmemorized=`` is of ``activation_non_memorized=``).
         prefix_len: prefix length (1..seq-1).
         frequencies: corpus unigram counts [d_vocab]; ``None`` counts the given paragraphs
             (:func:`unigram_counts_from_tokens`, a weak stand-in for corpus counts: pass them).
@@ -497,7 +504,7 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemo
         rare_fraction: fraction of ranks counted as "rare" in ``rare_mass_*`` (0 < f <= 1).
         contrastive: precomputed ``contrastive_gradients`` DataFrame (layer, component, head,
             value) to skip that computation.
-        activation_memorized, activation_nonmemorized: precomputed ``activation_gradients``
+        activation_memorized, activation_non_memorized: precomputed ``activation_gradients``
             DataFrames (layer, component, head, position, value) for MPs and NMPs.
         contrastive_kwargs, activation_kwargs: extra arguments of those functions.
         batch_size: paragraphs per forward pass (attention).
@@ -512,7 +519,7 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemo
         ``score`` (mean rank) and ``combined_rank`` (1 = best).
     """
     mp = check_tokens(model, memorized, prefix_len, name="memorized")
-    nmp = check_tokens(model, nonmemorized, prefix_len, name="nonmemorized")
+    nmp = check_tokens(model, non_memorized, prefix_len, name="non_memorized")
     if (isinstance(evidence, str) or not evidence or not set(evidence) <= set(EVIDENCE)
             or len(set(evidence)) != len(list(evidence))):
         raise ValueError(f"evidence must be a non-empty sequence of distinct names from {EVIDENCE}, got {evidence!r}")
@@ -532,7 +539,7 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemo
     if contrastive is not None:
         _per_head(contrastive[contrastive["component"] == "W_V"] if "component" in getattr(contrastive, "columns", [])
                   else contrastive, "contrastive", n_layers, n_heads)
-    for val in (activation_memorized, activation_nonmemorized):
+    for val in (activation_memorized, activation_non_memorized):
         if val is not None:
             _value_gradient_per_head(val, prefix_len)
     if freq is None and "rare" in evidence:
@@ -554,10 +561,10 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemo
             akw = dict(activation_kwargs or {})
             a_mp = (_activation_evidence(model, mp, prefix_len, akw, progress_bar) if activation_memorized is None
                     else _value_gradient_per_head(activation_memorized, prefix_len))
-            a_nmp = (_activation_evidence(model, nmp, prefix_len, akw, progress_bar) if activation_nonmemorized is None
-                     else _value_gradient_per_head(activation_nonmemorized, prefix_len))
+            a_nmp = (_activation_evidence(model, nmp, prefix_len, akw, progress_bar) if activation_non_memorized is None
+                     else _value_gradient_per_head(activation_non_memorized, prefix_len))
             out["value_grad_mp"] = _per_head(a_mp, "activation_memorized", n_layers, n_heads)
-            out["value_grad_nmp"] = _per_head(a_nmp, "activation_nonmemorized", n_layers, n_heads)
+            out["value_grad_nmp"] = _per_head(a_nmp, "activation_non_memorized", n_layers, n_heads)
             out["activation_ratio"] = out["value_grad_mp"] / out["value_grad_nmp"].where(out["value_grad_nmp"] > 0)
         # (3) rare-token correlation, MPs + NMPs (and each set alone)
         if "rare" in evidence:

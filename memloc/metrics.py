@@ -245,8 +245,16 @@ def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, 
 def split_memorization(df: pd.DataFrame, *, memorized_min_em: int = 50, non_memorized_max_em: int = 10) -> pd.Series:
     """Label each row ``"memorized"`` (EM >= memorized_min_em, the paper's MP: EM = 50),
     ``"non-memorized"`` (EM <= non_memorized_max_em, the paper's NMP) or ``"partial"``."""
-    if "em" not in df:
-        raise ValueError("df must have an 'em' column (from memloc.memorization)")
+    if not isinstance(df, pd.DataFrame) or "em" not in df.columns:
+        what = (f"a DataFrame with columns {list(df.columns)}" if isinstance(df, pd.DataFrame)
+                else f"a {type(df).__name__}")
+        raise ValueError(f"df must be the DataFrame of memloc.memorization (an integer 'em' column, one row per "
+                         f"paragraph), got {what}")
+    if not pd.api.types.is_numeric_dtype(df["em"]) or pd.api.types.is_bool_dtype(df["em"]):
+        raise ValueError(f"df['em'] must hold exact-match counts (numbers), got dtype {df['em'].dtype}")
+    for name, value in (("memorized_min_em", memorized_min_em), ("non_memorized_max_em", non_memorized_max_em)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {value!r}")
     if not 0 <= non_memorized_max_em < memorized_min_em:
         raise ValueError(f"need 0 <= non_memorized_max_em < memorized_min_em, got {non_memorized_max_em}, "
                          f"{memorized_min_em}")

@@ -6,15 +6,24 @@ HookedTransformer hook names (``blocks.{l}.mlp.hook_post``, ``blocks.{l}.attn.ho
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# TransformerLens 4.3's bridge hands the KV cache to Hugging Face as `past_key_values`, which
+# transformers >= 5.2x deprecates in favour of `cache` (a FutureWarning on every cached forward,
+# e.g. each greedy decoding step).  The keyword is TransformerLens's choice, not the user's or
+# memloc's, so this one message is not shown; every other warning is.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated and will be removed",
+                        category=FutureWarning)
 
 #: Names that select the embedded model shipped inside the package.
 TINY_NAMES = (None, "tiny")
@@ -25,13 +34,108 @@ def tiny_model_dir() -> Path:
     return Path(str(resources.files("memloc") / "assets" / "tiny"))
 
 
+def _looks_like_path(name: str | os.PathLike) -> bool:
+    """A path, not a hub id: a PathLike, or a string starting with ``.``, ``/``, ``~`` or a drive,
+    holding a backslash, more than one ``/``, or ending in ``/`` (hub ids are ``name`` or
+    ``namespace/name``)."""
+    if not isinstance(name, str):
+        return True
+    return (name.startswith((".", "/", "~", "\\")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or (len(name) > 1 and name[1] == ":"))
+
+
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None if it can: ``HF_HUB_OFFLINE`` is set,
+    or one TCP connection to the hub endpoint fails (or takes longer than ``timeout`` seconds).
+    The probe runs in a daemon thread, so a hanging name lookup cannot stall the caller."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES",
+                                                                                             "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, name="memloc-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome.get("ok"):
+        return None
+    err = outcome.get("error")
+    return f"cannot connect to {host}:{port} ({err or f'no answer within {timeout:g} s'})"
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the cache does not accept: not cached
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face offline mode for one load (the hub is unreachable but the model is cached), so
+    transformers reads the cache at once instead of retrying the network."""
+    from huggingface_hub import constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """Hide transformers' ``Loading weights`` bar while loading when memloc's progress bars are off."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _offline_message(target: str, reason: str) -> str:
+    return (f"could not load model {target!r} from the Hugging Face hub: {reason}, and it is not in the local "
+            "Hugging Face cache. If this machine is offline, download the model elsewhere and pass its local "
+            "directory, or use load_model('tiny') for the embedded model.")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Any:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
     Args:
         name_or_path: ``None`` or ``"tiny"`` for the embedded model (package data, no network);
-            a local Hugging Face directory (loaded offline); or a hub name (needs the hub).
+            a local Hugging Face directory (loaded offline); or a hub name (needs the hub, or
+            the model in the local Hugging Face cache).
         device: ``"cpu"``, ``"cuda"``, ... (default: CPU).
         dtype: parameter dtype.
         process_weights: if False (default), weights stay in the checkpoint's coordinates
@@ -43,32 +147,54 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
         The bridge, in eval mode.
 
     Raises:
-        ValueError: if ``name_or_path`` is not the embedded model, not a local directory, and
-            cannot be fetched from the hub (e.g. offline).
+        ValueError: before any loading if ``name_or_path`` looks like a path (``./x``, ``/x``,
+            ``~/x``, ``a/b/c``, a ``PathLike``) that is not a directory ("no such directory"), is a
+            directory without ``config.json``, or is a file; for a hub name, within a few seconds
+            if the hub is unreachable (``HF_HUB_OFFLINE`` set, or one failed connection) and the
+            model is not cached, and otherwise if the hub cannot provide it.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, torch.float16 or "
                          f"torch.float64), got {dtype!r}")
     device = str(device) if device is not None else "cpu"
+    offline = False
     if name_or_path in TINY_NAMES:
         path = tiny_model_dir()
         if not (path / "model.safetensors").exists():
             raise ValueError(f"the embedded model is missing from {path}; reinstall memloc")
         target = str(path)
     else:
-        target = str(name_or_path)
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise ValueError(f"name_or_path must be 'tiny', a model directory or a hub name, got "
+                             f"{type(name_or_path).__name__}")
+        target = os.fspath(name_or_path)
         local = Path(target).expanduser()
         if local.is_dir():
             if not (local / "config.json").exists():
                 raise ValueError(f"name_or_path {target!r} is a directory without a config.json; "
-                                 "expected a saved Hugging Face model directory")
+                                 "expected a saved Hugging Face model directory (save_pretrained)")
             target = str(local)
         elif local.exists():
             raise ValueError(f"name_or_path {target!r} is a file; expected a model directory or hub name")
+        elif _looks_like_path(name_or_path):
+            raise ValueError(f"name_or_path {target!r}: no such directory ({local.resolve()}); expected a saved "
+                             "Hugging Face model directory, a hub name such as 'EleutherAI/gpt-neo-125M', or "
+                             "'tiny' for the embedded model")
+        else:
+            reason = hub_offline_reason()
+            if reason is not None:
+                if not _cached_on_disk(target):
+                    raise ValueError(_offline_message(target, reason))
+                logger.warning("the Hugging Face hub is unreachable (%s): loading %s from the local cache",
+                               reason, target)
+                offline = True
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from ._progress import progress_enabled
+
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+        with _hub_offline() if offline else contextlib.nullcontext(), _loading_bars(progress_enabled()):
+            bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
     except Exception as exc:  # network or hub errors come in many types
         if Path(target).is_dir():
             raise

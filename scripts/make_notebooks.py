@@ -49,6 +49,8 @@ print(mem["split"].value_counts().to_dict(), "-> using", len(MP), "MPs and", len
 
 
 def nb(cells: list) -> nbformat.NotebookNode:
+    for i, cell in enumerate(cells):  # stable ids: regenerating an unchanged notebook changes no byte
+        cell.id = f"cell-{i:02d}"
     book = new_notebook(cells=cells)
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.metadata["language_info"] = {"name": "python"}
@@ -210,7 +212,7 @@ means *specific* localization.
 """),
         code('''from memloc.benchmarks import del_benchmark, del_table
 
-full = mem.index[mem["split"] == "memorized"].to_numpy()
+full = np.flatnonzero((mem["split"] == "memorized").to_numpy())   # rows of pool.tokens
 X = pool.tokens[full[: 6 if QUICK else 40]]
 res = del_benchmark(model, ["activations", "random"], X, prefix_len, n_targets=2 if QUICK else None,
                     ratios=[0.02], progress_bar=False)
@@ -359,7 +361,7 @@ from memloc.heads import first_token_attention
 x = MP[:1]
 ag = activation_gradients(model, x, prefix_len, components=["v"], layers=[LAYER], progress_bar=False)
 gmat = ag[ag.position < prefix_len].pivot_table(index="head", columns="position", values="value").to_numpy()
-att = first_token_attention(model, x, prefix_len, layer=LAYER, progress_bar=False)[0]
+att = first_token_attention(model, x, prefix_len, layers=LAYER, progress_bar=False)[0]
 labels = plots.token_labels(model, x[0, :prefix_len].tolist())
 plots.head_token_heatmaps({"value-activation gradients": gmat, "first-token attention": att}, labels,
                           title=f"Layer {LAYER} (memorization head H{HEAD})").show()'''),

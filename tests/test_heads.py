@@ -89,16 +89,16 @@ def test_first_token_attention_matches_cache(random_model_dir, kind):
                 torch.testing.assert_close(att[i, l, h], pattern[i, h, PREFIX - 1, :PREFIX].float(),
                                            atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(att.sum(-1), torch.ones(3, n_layers, n_heads), atol=1e-5, rtol=0)
-    one = H.first_token_attention(model, tokens, PREFIX, layer=1, progress_bar=False)
+    one = H.first_token_attention(model, tokens, PREFIX, layers=1, progress_bar=False)
     assert one.shape == (3, n_heads, PREFIX)
     torch.testing.assert_close(one, att[:, 1])
-    some = H.first_token_attention(model, tokens, PREFIX, layer=[1, 0], progress_bar=False)
+    some = H.first_token_attention(model, tokens, PREFIX, layers=[1, 0], progress_bar=False)
     torch.testing.assert_close(some, att[:, [1, 0]])
 
 
 def test_first_token_attention_frame(small, small_tokens):
     att = H.first_token_attention(small, small_tokens, PREFIX, progress_bar=False)
-    df = H.first_token_attention_frame(small, small_tokens, PREFIX, layer=[1], progress_bar=False)
+    df = H.first_token_attention_frame(small, small_tokens, PREFIX, layers=[1], progress_bar=False)
     assert len(df) == 5 * 1 * small.cfg.n_heads * PREFIX
     assert set(df.columns) >= {"paragraph", "layer", "head", "position", "token_id", "token", "attention"}
     for r in df.sample(20, random_state=0).itertuples():
@@ -173,7 +173,7 @@ def test_rare_token_attention_on_embedded_model(tiny, tiny_paragraphs, unchanged
     tokens = ps.tokens[:4]
     freq = unigram_counts("tiny")
     with unchanged(tiny):
-        df = H.rare_token_attention(tiny, tokens, ps.prefix_len, freq, layer=[0, 1], batch_size=2, progress_bar=False)
+        df = H.rare_token_attention(tiny, tokens, ps.prefix_len, freq, layers=[0, 1], batch_size=2, progress_bar=False)
     n_heads = tiny.cfg.n_heads
     assert len(df) == 2 * n_heads * ps.prefix_len
     # each head's per-rank attention sums to 1 (the first decoded token attends only to the prefix)
@@ -261,7 +261,7 @@ def test_rank_averaging_with_precomputed_evidence(small):
     a_mp, a_nmp = g.uniform(1, 2, len(heads)), g.uniform(1, 2, len(heads))
     with small.hooks(fwd_hooks=[hook]):
         out = H.find_memorization_heads(small, mp, nmp, PREFIX, frequencies=freq, contrastive=contrastive,
-                                        activation_memorized=act(a_mp), activation_nonmemorized=act(a_nmp),
+                                        activation_memorized=act(a_mp), activation_non_memorized=act(a_nmp),
                                         progress_bar=False)
     out = out.set_index(["layer", "head"])
     ratio = a_mp / a_nmp
@@ -316,8 +316,8 @@ def test_bad_inputs_raise_before_work(small, small_tokens, monkeypatch):
         (lambda: H.first_token_attention(small, small_tokens, 0), "prefix_len"),
         (lambda: H.first_token_attention(small, small_tokens, SEQ), "prefix_len"),
         (lambda: H.first_token_attention(small, small_tokens, 1.5), "prefix_len"),
-        (lambda: H.first_token_attention(small, small_tokens, PREFIX, layer=small.cfg.n_layers), "layer"),
-        (lambda: H.first_token_attention(small, small_tokens, PREFIX, layer=[]), "layer"),
+        (lambda: H.first_token_attention(small, small_tokens, PREFIX, layers=small.cfg.n_layers), "layer"),
+        (lambda: H.first_token_attention(small, small_tokens, PREFIX, layers=[]), "layer"),
         (lambda: H.first_token_attention(small, small_tokens.float(), PREFIX), "tokens"),
         (lambda: H.first_token_attention(small, small_tokens, PREFIX, batch_size=0), "batch_size"),
         (lambda: H.first_token_attention_frame(small, small_tokens, SEQ + 3), "prefix_len"),
@@ -356,7 +356,7 @@ def test_model_unchanged_also_on_exception(small, small_tokens, unchanged):
         freq = torch.arange(small.cfg.d_vocab)
         with unchanged(small):
             H.first_token_attention(small, small_tokens, PREFIX, progress_bar=False)
-            H.rare_token_attention(small, small_tokens, PREFIX, freq, layer=0, progress_bar=False)
+            H.rare_token_attention(small, small_tokens, PREFIX, freq, layers=0, progress_bar=False)
 
         def boom(pattern, hook):
             raise RuntimeError("boom")

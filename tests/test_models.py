@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,10 +90,89 @@ def test_bridge_matches_huggingface(tiny):
         torch.testing.assert_close(tiny(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
+def _boot_must_not_run(monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def boom(*a, **k):
+        raise AssertionError("TransformerBridge.boot_transformers must not be reached")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", boom)
+
+
 def test_unknown_model_offline_is_clear_error(monkeypatch):
+    """HF_HUB_OFFLINE and a hub name that is not cached: the good message at once, no loading."""
+    import time
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="local directory"):
+    _boot_must_not_run(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set.*not in the local Hugging Face cache.*local directory"):
         load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - t0 < 10  # loose: it used to retry for 23-28 s
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+    """HF_HUB_OFFLINE unset and no network (the sandbox): one failed connection, then the message."""
+    import time
+
+    from huggingface_hub import constants
+
+    from memloc.models import hub_offline_reason
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    reason = hub_offline_reason(timeout=3.0)
+    if reason is None:
+        pytest.skip("the Hugging Face hub is reachable from this machine")
+    assert "cannot connect" in reason
+    _boot_must_not_run(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="cannot connect to .*not in the local Hugging Face cache.*local directory"):
+        load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - t0 < 10  # loose: one probe of at most 3 s
+
+
+@pytest.mark.slow
+def test_cached_hub_model_loads_offline(random_model_dir, tmp_path):
+    """A hub name found in the local Hugging Face cache still loads when the hub is unreachable."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--memloc-test--tiny-gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(random_model_dir("gpt2"), snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = ("import memloc; m = memloc.load_model('memloc-test/tiny-gpt2'); "
+            "print('LAYERS', m.cfg.n_layers)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LAYERS 2" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "../no/such/model", "/no/such/model", "~/no/such/model",
+                                  "no/such/model", "no\\such"])
+def test_missing_path_says_no_such_directory(name, monkeypatch):
+    _boot_must_not_run(monkeypatch)
+    with pytest.raises(ValueError, match="no such directory"):
+        load_model(name)
+    with pytest.raises(ValueError, match="no such directory"):
+        load_model(Path("/no/such") / "model")
+
+
+def test_load_model_hides_the_loading_bar_when_progress_is_off(monkeypatch, capfd):
+    monkeypatch.setenv("MEMLOC_PROGRESS", "0")
+    load_model("tiny")
+    assert "Loading weights" not in capfd.readouterr().err
+    monkeypatch.setenv("MEMLOC_PROGRESS", "1")
+    load_model("tiny")
+    assert "Loading weights" in capfd.readouterr().err  # the check above is not vacuous
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored
 
 
 def test_bad_model_paths(tmp_path):

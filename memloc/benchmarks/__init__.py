@@ -11,7 +11,7 @@ Localization methods are passed as ``{name: callable}`` or as names of
 ``memloc.localize.METHODS``; their scores can be cached on disk (``cache_dir=``).
 """
 
-from ._scores import (check_method_kwargs, localize_cached, model_fingerprint, resolve_methods, score_cache_path,
+from ._scores import (accepted_hyperparameters, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods, score_cache_path,
                       with_defaults, with_sequence_seed)
 from .dele import DEFAULT_DEL_RATIOS, DelResult, del_benchmark, del_table, memorized_set
 from .tuning import TuningResult, tune_del
@@ -22,6 +22,6 @@ __all__ = [
     "inj_benchmark", "inj_table", "injected", "injection_loss", "InjectionResult", "sample_injection_mask",
     "recall_at_k", "ffn_value_vectors", "ValueVectors", "DEFAULT_INJ_RATIOS",
     "del_benchmark", "del_table", "DelResult", "memorized_set", "DEFAULT_DEL_RATIOS",
-    "resolve_methods", "check_method_kwargs", "localize_cached", "model_fingerprint", "score_cache_path",
+    "resolve_methods", "check_method_kwargs", "accepted_hyperparameters", "localize_cached", "model_fingerprint", "score_cache_path",
     "with_sequence_seed", "with_defaults", "tune_del", "TuningResult",
 ]

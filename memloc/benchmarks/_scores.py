@@ -22,7 +22,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_methods", "check_method_kwargs", "model_fingerprint", "localize_cached", "score_cache_path",
+__all__ = ["resolve_methods", "check_method_kwargs", "accepted_hyperparameters", "model_fingerprint", "localize_cached", "score_cache_path",
            "with_sequence_seed", "with_defaults"]
 
 #: The paper's method order (Chang et al. Tables 2 and 3), used when sorting tables.
@@ -33,8 +33,10 @@ PAPER_ORDER = ("hard_concrete", "slimming", "zero_out", "integrated_gradients", 
 def resolve_methods(methods: Mapping[str, Callable] | Sequence[str] | str) -> dict[str, Callable]:
     """Turn ``methods`` into an ordered ``{name: callable}`` dict.
 
-    Names are looked up in ``memloc.localize.METHODS`` (imported lazily, only when a name has to
-    be resolved); a mapping passes through after checking that its values are callable.
+    Names are looked up in the registry ``memloc.localize.METHODS`` (imported lazily, only when a
+    name has to be resolved): aliases become canonical names (``"ig"`` -> ``"integrated_gradients"``)
+    and the values are the :class:`~memloc.localize.Method` records.  A mapping passes through after
+    checking that its values are callable.
     """
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -53,8 +55,13 @@ def resolve_methods(methods: Mapping[str, Callable] | Sequence[str] | str) -> di
                                  f"({exc}); pass a dict name -> callable instead") from exc
             unknown = [n for n in names if n not in METHODS]
             if unknown:
-                raise ValueError(f"methods: unknown method names {unknown}; expected some of {sorted(METHODS)}")
-            out = {n: METHODS[n] for n in names}
+                raise ValueError(f"methods: unknown method names {unknown}; expected some of {list(METHODS)} "
+                                 f"(aliases: {dict(METHODS.aliases)})")
+            canonical = [METHODS.canonical(n) for n in names]
+            dup = sorted({n for n in canonical if canonical.count(n) > 1})
+            if dup:
+                raise ValueError(f"methods: {names} names {dup} more than once (aliases included)")
+            out = {n: METHODS[n] for n in canonical}
     else:
         raise ValueError(f"methods must be a dict name -> callable or a list of method names, got "
                          f"{type(methods).__name__}")
@@ -66,36 +73,84 @@ def resolve_methods(methods: Mapping[str, Callable] | Sequence[str] | str) -> di
     return out
 
 
+def accepted_hyperparameters(fn: Callable) -> frozenset[str] | None:
+    """The keyword hyperparameters a localization method accepts, or None if it takes any.
+
+    A registry record (:class:`memloc.localize.Method`), or a function registered in it, answers
+    from its declaration; any other callable (a user's own method) from its signature: its
+    keyword parameters after ``(model, tokens, prefix_len)``, or None with ``**kwargs`` or when
+    the signature cannot be read.
+    """
+    from ..localize import METHODS, Method
+
+    if isinstance(fn, Method):
+        return fn.accepts
+    for record in METHODS.values():
+        if fn is record.fn:
+            return record.accepts
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    skip = {p.name for p in positional[:3]}  # model, tokens, prefix_len
+    return frozenset(p.name for p in params if p.name not in skip and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
 def check_method_kwargs(method_kwargs: Mapping[str, Mapping] | None, methods: Mapping[str, Callable]) -> dict[str, dict]:
-    """Validate per-method hyperparameters: a dict ``{method name: {kwarg: value}}`` over known methods."""
+    """Validate per-method hyperparameters ``{method name: {kwarg: value}}`` before any work.
+
+    Every method name must be one of ``methods`` (an alias such as ``"ig"`` counts as its canonical
+    name) and every hyperparameter one the method accepts (:func:`accepted_hyperparameters`);
+    otherwise a ValueError lists the valid names.  Returns ``{name: dict}`` for every method.
+    """
     if method_kwargs is None:
         return {n: {} for n in methods}
     if not isinstance(method_kwargs, Mapping):
         raise ValueError(f"method_kwargs must be a dict method name -> dict of hyperparameters, got "
                          f"{type(method_kwargs).__name__}")
-    unknown = [n for n in method_kwargs if n not in methods]
+    from ..localize import METHODS
+
+    given: dict[str, Any] = {}
+    for key, kw in method_kwargs.items():
+        name = key
+        if key not in methods and isinstance(key, str) and key in METHODS and METHODS.canonical(key) in methods:
+            name = METHODS.canonical(key)  # an alias of a method that is run
+        if name in given:
+            raise ValueError(f"method_kwargs sets method {name!r} twice (through an alias)")
+        given[name] = kw
+    unknown = [n for n in given if n not in methods]
     if unknown:
         raise ValueError(f"method_kwargs names methods {unknown} that are not among methods {list(methods)}")
     out = {}
     for n in methods:
-        kw = method_kwargs.get(n, {}) or {}
+        kw = given.get(n, {}) or {}
         if not isinstance(kw, Mapping):
             raise ValueError(f"method_kwargs[{n!r}] must be a dict of hyperparameters, got {type(kw).__name__}")
+        accepted = accepted_hyperparameters(methods[n])
+        if accepted is not None:
+            bad = sorted(str(k) for k in kw if k not in accepted)
+            if bad:
+                raise ValueError(f"method_kwargs[{n!r}]: method {n!r} does not take {bad}; its hyperparameters "
+                                 f"are {sorted(accepted)}")
         out[n] = dict(kw)
     return out
 
 
 def with_defaults(fn: Callable, kwargs: Mapping, **defaults: Any) -> dict:
-    """``kwargs`` plus each of ``defaults`` that ``fn`` accepts as a keyword and ``kwargs`` does
-    not set (an explicit value in ``kwargs`` always wins)."""
+    """``kwargs`` plus each of ``defaults`` that ``fn`` accepts as a keyword
+    (:func:`accepted_hyperparameters`; a method taking ``**kwargs`` gets none of them) and
+    ``kwargs`` does not set (an explicit value in ``kwargs`` always wins)."""
     out = dict(kwargs)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
+    accepted = accepted_hyperparameters(fn)
+    if accepted is None:
         return out
     for key, value in defaults.items():
-        if key not in out and key in params and params[key].kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        if key not in out and key in accepted:
             out[key] = value
     return out
 

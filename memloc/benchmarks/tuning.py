@@ -16,7 +16,6 @@ model within a few hundred steps, whatever the memorization loss says.  Tune per
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from .._checks import check_tokens
 from .._progress import progress
-from ._scores import resolve_methods, with_defaults
+from ._scores import check_method_kwargs, resolve_methods, with_defaults
 from .dele import del_benchmark
 
 __all__ = ["TuningResult", "tune_del"]
@@ -51,16 +50,14 @@ class TuningResult:
     table: pd.DataFrame
 
 
-def _check_grid(grid: Any, fn: Callable) -> list[dict]:
+def _check_grid(grid: Any, name: str, fn: Callable, base: Mapping[str, Any]) -> list[dict]:
     if not isinstance(grid, Mapping) or not grid:
         raise ValueError(f"grid must be a non-empty dict {{hyperparameter: [values]}}, got {grid!r}")
-    params = inspect.signature(fn).parameters
     for key, values in grid.items():
-        if key not in params:
-            raise ValueError(f"grid names {key!r}, which the method does not take "
-                             f"(its keywords: {[p for p in params][3:]})")
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {values!r}")
+    # every grid key and base_kwargs key must be a hyperparameter of the method (before any work)
+    check_method_kwargs({name: {**base, **{k: v[0] for k, v in grid.items()}}}, {name: fn})
     keys = list(grid)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
@@ -96,8 +93,10 @@ def tune_del(model: Any, method: str | Mapping[str, Callable], grid: Mapping[str
     if len(fns) != 1:
         raise ValueError(f"method must name exactly one method, got {list(fns)}")
     (name, fn), = fns.items()
-    points = _check_grid(grid, fn)
+    if base_kwargs is not None and not isinstance(base_kwargs, Mapping):
+        raise ValueError(f"base_kwargs must be a dict of hyperparameters, got {type(base_kwargs).__name__}")
     base = dict(base_kwargs or {})
+    points = _check_grid(grid, name, fn, base)
     clash = sorted(set(base) & set(grid))
     if clash:
         raise ValueError(f"base_kwargs and grid both set {clash}")

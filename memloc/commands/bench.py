@@ -6,6 +6,7 @@ the table in the paper's layout (Table 2 for INJ, Table 3 for DEL).
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from . import add_model_arg, write_json
@@ -14,8 +15,17 @@ from . import add_model_arg, write_json
 DEFAULT_METHODS = ["hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations", "random"]
 
 
+EPILOG = """examples:
+  memloc bench del --methods hard_concrete,slimming,random --n 4 --ratio 0.1
+  memloc bench del --methods hard_concrete --n 2 --method-kwargs '{"hard_concrete": {"max_steps": 200, "lr": 0.05}}'
+  memloc bench inj --methods ig,zero_out,random --n 4 --ratio 0.01 --json /tmp/inj.json
+  memloc bench inj --methods integrated_gradients --n 2 --method-kwargs '{"integrated_gradients": {"steps": 8}}'
+"""
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="the INJ and DEL localization benchmarks (Chang et al. 2024)")
+    p = sub.add_parser("bench", help="the INJ and DEL localization benchmarks (Chang et al. 2024)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmark", choices=["inj", "del"], help="inj: recall of injected neurons; "
                    "del: forgetting after dropping out located neurons")
     add_model_arg(p)
@@ -33,7 +43,9 @@ def add_parser(sub) -> None:
                    help="INJ: injection ratios r (default 0.01 0.005); DEL: dropout ratios k per layer "
                         "(default 0.005 0.05 0.1)")
     p.add_argument("--method-kwargs", default=None,
-                   help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"steps": 200}}\'')
+                   help='JSON dict of per-method hyperparameters, e.g. \'{"hard_concrete": {"max_steps": 200}}\' '
+                        '(checked against each method\'s hyperparameters before any work: '
+                        'memloc.localize.METHODS[name].defaults lists them)')
     p.add_argument("--authors-defaults", action="store_true",
                    help="use the authors' released SLIMMING / HARD CONCRETE settings (lam=1000 on the mean over the "
                         "masked neurons, stop on sparsity alone) instead of the embedded model's dev-set selection "
@@ -78,10 +90,46 @@ def _merge(tuned: dict, user: dict | None) -> dict:
     return out
 
 
-def _resolve(methods: list[str]) -> dict:
-    from ..benchmarks._scores import resolve_methods
+def check_args(args) -> tuple[dict, dict[str, dict]]:
+    """Validate the options before any work (no model is loaded): the method names (aliases become
+    canonical names) and every ``--method-kwargs`` hyperparameter against the method registry.  On
+    the embedded model the dev-set-selected settings are merged in (``--compare-tuned``: as extra
+    ``METHOD (tuned)`` rows beside memloc's defaults), unless ``--authors-defaults`` asks for the
+    authors' released mask settings.  Returns ``(methods {label: function}, method_kwargs)``."""
+    from ..benchmarks import check_method_kwargs, resolve_methods
 
-    return resolve_methods(methods)
+    try:
+        fns = resolve_methods(_methods(args.methods))
+    except ValueError as exc:
+        raise ValueError(f"--methods: {exc}") from exc
+    try:
+        user = check_method_kwargs(_kwargs(args.method_kwargs), fns)
+    except ValueError as exc:
+        raise ValueError(f"--method-kwargs: {exc}") from exc
+    if args.n is not None and args.n <= 0:
+        raise ValueError(f"--n must be a positive int, got {args.n}")
+    tiny = args.model in (None, "tiny")
+    if getattr(args, "compare_tuned", False) and (args.authors_defaults or not tiny):
+        raise ValueError("--compare-tuned compares memloc's defaults with the embedded model's dev-set selection: "
+                         "use it with --model tiny and without --authors-defaults")
+    kwargs = dict(user)
+    if args.authors_defaults:
+        from ..localize._masks import AUTHORS_SETTINGS
+
+        kwargs.update({m: {**AUTHORS_SETTINGS, **user[m]} for m in ("slimming", "hard_concrete") if m in fns})
+    elif tiny:
+        from ..data import tuned_hyperparameters
+
+        tuned = {m: _merge(kw, user[m]) for m, kw in tuned_hyperparameters("tiny").items() if m in fns}
+        if getattr(args, "compare_tuned", False):  # plain rows: library defaults; '(tuned)' rows: dev-set selection
+            fns = {**fns, **{f"{m} (tuned)": fns[m] for m in tuned}}
+            kwargs.update({f"{m} (tuned)": kw for m, kw in tuned.items()})
+        else:
+            kwargs.update(tuned)
+        if tuned:
+            print("dev-set-selected hyperparameters (Chang et al. A.7): "
+                  + "; ".join(f"{m} {kw}" for m, kw in tuned.items()))
+    return fns, {m: kw for m, kw in kwargs.items() if kw}
 
 
 def run(args) -> int:
@@ -90,35 +138,8 @@ def run(args) -> int:
     from ..benchmarks import DEFAULT_DEL_RATIOS, DEFAULT_INJ_RATIOS, del_benchmark, del_table, inj_benchmark, inj_table
     from ..models import load_model
 
-    methods = _methods(args.methods)
-    kwargs = _kwargs(args.method_kwargs)
-    if args.n is not None and args.n <= 0:
-        raise ValueError(f"--n must be a positive int, got {args.n}")
-    tiny = args.model in (None, "tiny")
-    if args.compare_tuned and (args.authors_defaults or not tiny):
-        raise ValueError("--compare-tuned compares memloc's defaults with the embedded model's dev-set selection: "
-                         "use it with --model tiny and without --authors-defaults")
+    methods, kwargs = check_args(args)
     model = load_model(args.model, device=args.device)
-    user = kwargs or {}
-    if args.authors_defaults:
-        from ..localize._masks import AUTHORS_SETTINGS
-
-        kwargs = {**user, **{m: {**AUTHORS_SETTINGS, **(user.get(m) or {})}
-                             for m in ("slimming", "hard_concrete") if m in methods}}
-    elif tiny:
-        from ..data import tuned_hyperparameters
-
-        tuned = {m: _merge(kw, user.get(m)) for m, kw in tuned_hyperparameters("tiny").items() if m in methods}
-        if args.compare_tuned:  # plain rows: library defaults; '(tuned)' rows: the dev-set selection
-            fns = _resolve(methods)
-            extra = {f"{m} (tuned)": fns[m] for m in tuned}
-            methods = {**fns, **extra}
-            kwargs = {**user, **{f"{m} (tuned)": kw for m, kw in tuned.items()}}
-        else:
-            kwargs = {**user, **tuned}
-        if tuned:
-            print("dev-set-selected hyperparameters (Chang et al. A.7): "
-                  + "; ".join(f"{m} {kw}" for m, kw in tuned.items()))
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.2f}".format):
         if args.benchmark == "inj":
             ratios = args.ratio or list(DEFAULT_INJ_RATIOS)

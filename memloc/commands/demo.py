@@ -18,6 +18,6 @@ def run(args) -> int:
     from . import reproduce
 
     ns = argparse.Namespace(model="tiny", device=None, out=args.out, quick=args.quick, cache_dir=args.cache_dir,
-                            no_cache=False, stages=None, paragraphs=None, no_png=False, threads=None,
+                            no_cache=False, stages=None, paragraphs=None, no_png=False, threads=getattr(args, "threads", None),
                             max_paragraphs=None, batch_size=None)
     return reproduce.run(ns)

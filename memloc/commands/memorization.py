@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
 from . import add_model_arg, write_json
+
+EPILOG = """examples:
+  memloc memorization
+  memloc memorization --model tiny --batch-size 32 --json /tmp/memorization.json
+  memloc memorization --model path/to/gpt-neo-125M --paragraphs gpt-neo-125m --threads 4
+"""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("memorization", help="per-paragraph memorization metrics and MP/NMP split counts")
+    p = sub.add_parser("memorization", help="per-paragraph memorization metrics and MP/NMP split counts",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arg(p)
     p.add_argument("--paragraphs", default=None,
                    help="paragraph set (default: 'tiny' for the embedded model, 'gpt-neo-125m' otherwise)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="paragraphs per forward pass of teacher forcing and greedy decoding (default 64; "
+                        "lower it if memory is short)")
     p.add_argument("--json", default=None, help="write rows and the split summary to this JSON file")
     p.set_defaults(run=run)
 
@@ -41,6 +52,8 @@ def compute(model, name: str, batch_size: int = 64):
 def run(args) -> int:
     from ..models import load_model
 
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
     model = load_model(args.model, device=args.device)
     name = args.paragraphs or ("tiny" if args.model == "tiny" else "gpt-neo-125m")
     df = compute(model, name, args.batch_size)

@@ -4,15 +4,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from . import write_json
+
+
+class _ModelsAlias(argparse.Action):
+    """``--model`` (as in every other subcommand); the old ``--models`` still works, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--models":
+            warnings.warn("memloc perf --models is deprecated; use --model", DeprecationWarning, stacklevel=2)
+            print("memloc perf: --models is deprecated; use --model", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..perf import DTYPES, MODELS
 
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--model", "--models", dest="models", action=_ModelsAlias, default=",".join(MODELS),
+                   metavar="LIST", help=f"comma-separated subset of {','.join(MODELS)} (default: all; --models is a "
+                                        "deprecated spelling)")
     p.add_argument("--quick", action="store_true", help="smaller subsets (a few minutes on 2 CPU cores)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32",
