@@ -145,6 +145,9 @@ class _Executor:
         self.on_task_done = on_task_done
         self.stats = SweepStats()
 
+    def preflight(self) -> None:
+        """Cheap checks before a sweep does any work (the Ray executor: is the cluster address reachable)."""
+
     def start_sweep(self) -> SweepStats:
         self.stats = SweepStats()
         return self.stats
@@ -232,6 +235,16 @@ class _Worker:
         return None
 
 
+_LOCAL_TOKEN: list[str] = []
+
+
+def _local_token() -> str:
+    """One token per process: Ray keeps the first token it reads for the life of the process."""
+    if not _LOCAL_TOKEN:
+        _LOCAL_TOKEN.append(secrets.token_hex(32))
+    return _LOCAL_TOKEN[0]
+
+
 def _check_address(address: str, timeout: float) -> None:
     """Fail fast when nothing listens at ``address`` (ray.init would keep retrying for minutes)."""
     if address in ("auto", "local"):
@@ -304,6 +317,7 @@ class RayExecutor(_Executor):
         self.max_restarts = max_restarts
         self.max_task_retries = max_task_retries
         self.connect_timeout = float(connect_timeout)
+        self.start_attempts = 3
         self.actors: list = []
         self._busy: dict = {}
         self._owned = False
@@ -312,6 +326,10 @@ class RayExecutor(_Executor):
         self._env_set: dict[str, str | None] = {}
 
     # -- connection ---------------------------------------------------------------------------
+    def preflight(self) -> None:
+        if self.address is not None:
+            _check_address(self.address, self.connect_timeout)
+
     def __enter__(self) -> "RayExecutor":
         self._connect()
         return self
@@ -326,6 +344,8 @@ class RayExecutor(_Executor):
 
     def _connect(self) -> None:
         ray = self._ray
+        if self.address is not None:
+            _check_address(self.address, self.connect_timeout)
         self._depth += 1
         if self._depth > 1 or ray.is_initialized():
             return
@@ -334,7 +354,6 @@ class RayExecutor(_Executor):
         kw = dict(logging_level=logging.WARNING, log_to_driver=False)
         t0 = time.perf_counter()
         if self.address is not None:
-            _check_address(self.address, self.connect_timeout)
             try:
                 ray.init(address=self.address, **kw)
             except Exception as exc:
@@ -348,14 +367,23 @@ class RayExecutor(_Executor):
             if (os.environ.get("RAY_AUTH_MODE", "") != "disabled" and not os.environ.get("RAY_AUTH_TOKEN")
                     and not os.environ.get("RAY_AUTH_TOKEN_PATH")
                     and not os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
-                self._setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+                self._setenv("RAY_AUTH_TOKEN", _local_token())
             self._temp_dir = tempfile.mkdtemp(prefix="memloc-ray-")
-            try:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=self._temp_dir, **kw)
-            except Exception:
-                self._depth -= 1
-                self._cleanup_env()
-                raise
+            for attempt in range(1, self.start_attempts + 1):
+                try:
+                    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=self._temp_dir, **kw)
+                    break
+                except Exception as exc:
+                    ray.shutdown()  # stop what the failed start left running
+                    if attempt == self.start_attempts:
+                        self._depth -= 1
+                        self._cleanup_env()
+                        raise
+                    # Ray's start-up waits are fixed (about 30 s); on an overloaded machine its
+                    # agents can miss them, and a second start usually succeeds
+                    logger.warning("starting a local Ray instance failed (%s: %s); retrying (%d of %d)",
+                                   type(exc).__name__, str(exc).splitlines()[0][:200], attempt + 1,
+                                   self.start_attempts)
         self._owned = True
         logger.info("Ray %s in %.1f s", "joined at " + self.address if self.address else "started locally",
                     time.perf_counter() - t0)
@@ -431,7 +459,9 @@ class RayExecutor(_Executor):
         queue = deque(tasks)
         self._connect()
         try:
+            t0 = time.perf_counter()
             self._start_actors(model, len(tasks))
+            logger.info("%d Ray workers loaded the model in %.1f s", len(self.actors), time.perf_counter() - t0)
             idle = deque(self.actors)
             inflight: dict = {}
             with self._bar(tasks, desc, progress_bar) as update:
@@ -505,15 +535,18 @@ def check_calls(fns: dict[str, Callable], kwargs: dict[str, dict]) -> None:
 
 def resolve_executor(executor: Any, *, ray_address: str | None = None) -> _Executor:
     """``"serial"`` (or None) -> :class:`SerialExecutor`, ``"ray"`` -> :class:`RayExecutor` (``ray_address``
-    joins a cluster); an executor instance passes through."""
+    joins a cluster); an executor instance passes through.  Runs the executor's cheap pre-flight
+    checks (an unreachable cluster address fails here, in seconds, before any work)."""
     if isinstance(executor, _Executor):
         if ray_address is not None:
             raise ValueError("ray_address only applies with executor='ray'; set address on the RayExecutor instead")
-        return executor
-    if executor is None or executor == "serial":
+    elif executor is None or executor == "serial":
         if ray_address is not None:
             raise ValueError("ray_address needs executor='ray'")
-        return SerialExecutor()
-    if executor == "ray":
-        return RayExecutor(ray_address)
-    raise ValueError(f"executor must be one of {list(EXECUTORS)} or an executor instance, got {executor!r}")
+        executor = SerialExecutor()
+    elif executor == "ray":
+        executor = RayExecutor(ray_address)
+    else:
+        raise ValueError(f"executor must be one of {list(EXECUTORS)} or an executor instance, got {executor!r}")
+    executor.preflight()
+    return executor
