@@ -317,7 +317,7 @@ class RayExecutor(_Executor):
         self.max_restarts = max_restarts
         self.max_task_retries = max_task_retries
         self.connect_timeout = float(connect_timeout)
-        self.start_attempts = 3
+        self.start_attempts = 2
         self.actors: list = []
         self._busy: dict = {}
         self._owned = False
@@ -377,8 +377,13 @@ class RayExecutor(_Executor):
                     ray.shutdown()  # stop what the failed start left running
                     if attempt == self.start_attempts:
                         self._depth -= 1
+                        logs, self._temp_dir = self._temp_dir, None  # keep the logs
                         self._cleanup_env()
-                        raise
+                        raise RuntimeError(
+                            f"could not start a local Ray instance in {self.start_attempts} attempts ({exc}). Ray's "
+                            "raylet gives its Python agents about 15 s to start; on an overloaded machine they miss "
+                            f"it (logs: {logs}/session_latest/logs/raylet.out). Retry when the machine is less "
+                            "busy, or start a cluster with `ray start --head` and pass its address.") from exc
                     # Ray's start-up waits are fixed (about 30 s); on an overloaded machine its
                     # agents can miss them, and a second start usually succeeds
                     logger.warning("starting a local Ray instance failed (%s: %s); retrying (%d of %d)",
