@@ -257,7 +257,7 @@ def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs
     read from the cache where present, the missing ones computed by ``executor``."""
     stats = executor.start_sweep()
     out: dict = {}
-    x = {t: setting.tokens[t:t + 1] for _, t in pairs}
+    x = {t: setting.tokens[t:t + 1].clone() for _, t in pairs}  # a view would pickle all of X
 
     def eval_tasks(name: str, t: int, scores: Tensor) -> list[Task]:
         tasks = []
