@@ -221,3 +221,20 @@ def test_model_spec(tiny):
     assert ModelSpec.from_model(tiny) == ModelSpec(None, torch.float32, "cpu", False)
     with pytest.raises(ValueError, match="model_spec"):
         ModelSpec.from_model(torch.nn.Linear(2, 2))
+
+
+def test_serial_stop_and_resume(tiny, del_set, del_serial, tmp_path):
+    """The resumption logic needs no Ray: a serial sweep stopped after 5 tasks computes the rest on rerun."""
+    first = SerialExecutor(stop_after=5)
+    with pytest.raises(SweepStopped):
+        _del(tiny, del_set, first, tmp_path)
+    assert first.stats.n_computed == 5
+    second = SerialExecutor()
+    _assert_same_del(del_serial, _del(tiny, del_set, second, tmp_path))
+    assert second.stats.n_computed == N_DEL_TASKS - 5
+    # corrupt one evaluation entry: it is recomputed (with a warning), the table unchanged
+    entry = next((tmp_path / "del_eval").glob("*.safetensors"))
+    entry.write_bytes(b"not a safetensors file")
+    third = SerialExecutor()
+    _assert_same_del(del_serial, _del(tiny, del_set, third, tmp_path))
+    assert third.stats.computed == {"eval": 1}
