@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import warnings
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,17 @@ warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated and 
 
 #: Names that select the embedded model shipped inside the package.
 TINY_NAMES = (None, "tiny")
+
+#: The arguments each model returned by :func:`load_model` was loaded with (weakly keyed, the
+#: model object itself is not touched); :func:`load_args` reads them back so that workers in
+#: other processes (the Ray executor, memloc.executors) can load the same model.
+_LOAD_ARGS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def load_args(model: Any) -> dict | None:
+    """The keyword arguments of the :func:`load_model` call that returned ``model`` (``name_or_path``,
+    ``device``, ``dtype``, ``process_weights``), or None for a model built another way."""
+    return _LOAD_ARGS.get(model)
 
 
 def tiny_model_dir() -> Path:
@@ -204,6 +216,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
             "or use load_model('tiny') for the embedded model.") from exc
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
     bridge.eval()
+    # a local directory is recorded as an absolute path (workers may run in another directory)
+    recorded = None if name_or_path in TINY_NAMES else (str(Path(target).resolve()) if Path(target).is_dir() else target)
+    _LOAD_ARGS[bridge] = {"name_or_path": recorded,
+                          "device": device, "dtype": dtype, "process_weights": bool(process_weights)}
     return bridge
 
 

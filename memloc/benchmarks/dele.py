@@ -15,6 +15,7 @@ row of ΔAcc over X is one row of the confusion matrix of Figure 2.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._checks import check_choice, check_positive_int, check_tokens
@@ -31,7 +33,9 @@ from .._progress import progress
 from ..ablation import ablate, mean_activations, select_top_k
 from ..borrow import borrowed
 from ..metrics import char_distances, perplexity, teacher_forced
-from ._scores import PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods, with_defaults
+from ..executors import Task, check_calls, resolve_executor
+from ._scores import (PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods,
+                      score_cache_path, with_defaults)
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +240,179 @@ class _DropoutMeasurer:
         return results
 
 
+@dataclass(frozen=True)
+class _DelSetting:
+    """Everything an evaluation task needs besides the scores (sent to the workers as it is)."""
+
+    tokens: Tensor
+    prefix_len: int
+    random_tokens: Tensor | None
+    batch_size: int
+    tokenizer: Any
+    exclude_layers: list
+    mode: str
+    means: Tensor | None
+    start: int = 0
+    fast: bool = True
+
+    def key(self) -> list[str]:
+        """The parts of an evaluation's cache key that come from the setting."""
+        rand = "none" if self.random_tokens is None else _digest(self.random_tokens)
+        return [_digest(self.tokens), str(int(self.prefix_len)), rand, str(int(self.batch_size)),
+                repr(sorted(self.exclude_layers)), self.mode, repr(self.tokenizer is None)]
+
+    def measurer(self, model: Any) -> "_DropoutMeasurer | None":
+        """The fast dropout measurer of this setting on ``model`` (built once per process and model:
+        it caches the input of the first droppable block), or None for ``fast=False`` or when its
+        self-check failed (then a WARNING was logged and full forwards run)."""
+        if not self.fast:
+            return None
+        key = (id(model), _digest(self.tokens), self.prefix_len, self.start, self.batch_size,
+               None if self.random_tokens is None else _digest(self.random_tokens), self.mode)
+        if _MEASURERS.get("key") != key:
+            m = _DropoutMeasurer(model, self.tokens, self.prefix_len, self.random_tokens, self.batch_size,
+                                 self.tokenizer, self.start, self.means)
+            _MEASURERS.clear()
+            _MEASURERS.update(key=key, measurer=m if m.ok else None)
+        return _MEASURERS["measurer"]
+
+
+#: The last-used fast measurer of this process (a worker keeps it across its evaluation tasks).
+_MEASURERS: dict[str, Any] = {}
+
+
+def _digest(t: Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _scores_task(model: Any, name: str, fn: Callable, x: Tensor, prefix_len: int, kw: dict) -> Tensor:
+    """Attribution task: one method's neuron scores on one target (checked as the cache stores them)."""
+    return localize_cached(model, name, fn, x, prefix_len, kw)
+
+
+def _evaluate(model: Any, s: _DelSetting, scores: Tensor, r: float) -> tuple[Tensor, Tensor, float, int]:
+    """Evaluation task: drop out the top-``r`` neurons of ``scores`` per layer (except the excluded
+    layers) and measure accuracy and distance of every sequence of X and the Rand-PPL."""
+    if r == 0:
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+    else:
+        mask = select_top_k(scores, r, per_layer=True, exclude_layers=s.exclude_layers)
+    measurer = s.measurer(model)
+    if measurer is not None:
+        (acc, dist, ppl), = measurer([mask])
+    else:
+        with ablate(model, mask, mode=s.mode, means=s.means):
+            acc, dist, ppl = _measure(model, s.tokens, s.prefix_len, s.random_tokens, s.batch_size, s.tokenizer)
+    return acc, dist, ppl, int(mask.sum())
+
+
+def _eval_cache_path(cache_dir: str | Path, fingerprint: str, scores: Tensor, r: float, setting: _DelSetting) -> Path:
+    h = hashlib.blake2b(digest_size=16)
+    for part in [fingerprint, _digest(scores), repr(float(r)), *setting.key()]:
+        h.update(part.encode())
+        h.update(b"\0")
+    return Path(cache_dir) / "del_eval" / f"{h.hexdigest()}.safetensors"
+
+
+def _read_eval(path: Path) -> tuple[Tensor, Tensor, float, int] | None:
+    if not path.exists():
+        return None
+    try:
+        d = load_file(str(path))
+        return d["acc"], d["dist"], float(d["ppl"][0]), int(d["n_dropped"][0])
+    except Exception as exc:  # a truncated or foreign file: recompute and overwrite
+        logger.warning("could not read DEL evaluation cache %s (%s); recomputing", path, exc)
+        return None
+
+
+def _write_eval(path: Path, value: tuple[Tensor, Tensor, float, int]) -> None:
+    acc, dist, ppl, n_dropped = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"acc": acc.contiguous(), "dist": dist.contiguous(), "ppl": torch.tensor([ppl], dtype=torch.float64),
+               "n_dropped": torch.tensor([n_dropped], dtype=torch.long)}, str(tmp))
+    tmp.replace(path)
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _not_cached(*args: Any, **kwargs: Any) -> Tensor:
+    raise _NotCached
+
+
+def _cached_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, cache_dir: str | Path | None,
+                  fingerprint: str | None) -> Tensor | None:
+    """The scores of (model, method, hyperparameters, sequence) from the score cache, or None."""
+    if cache_dir is None or not score_cache_path(cache_dir, fingerprint, name, kw, x, prefix_len).exists():
+        return None
+    try:
+        return localize_cached(model, name, _not_cached, x, prefix_len, kw, cache_dir=cache_dir,
+                               fingerprint=fingerprint)
+    except _NotCached:
+        return None
+
+
+def _store_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, scores: Tensor,
+                 cache_dir: str | Path | None, fingerprint: str | None) -> Tensor:
+    """Write scores computed elsewhere (a worker) into the score cache, exactly as a serial run would."""
+    if cache_dir is None:
+        return scores
+    return localize_cached(model, name, lambda *a, **k: scores, x, prefix_len, kw, cache_dir=cache_dir,
+                           fingerprint=fingerprint)
+
+
+def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs: list, pair_kwargs: dict,
+                   ratios: list[float], setting: _DelSetting, cache_dir: str | Path | None, fingerprint: str | None,
+                   progress_bar: bool) -> dict:
+    """Attribution and evaluation results ``{(method, target row, ratio): (acc, dist, ppl, n_dropped)}``:
+    read from the cache where present, the missing ones computed by ``executor``."""
+    stats = executor.start_sweep()
+    out: dict = {}
+    x = {t: setting.tokens[t:t + 1].clone() for _, t in pairs}  # a view would pickle all of X
+
+    def eval_tasks(name: str, t: int, scores: Tensor) -> list[Task]:
+        tasks = []
+        for r in ratios:
+            path = _eval_cache_path(cache_dir, fingerprint, scores, r, setting) if cache_dir is not None else None
+            hit = _read_eval(path) if path is not None else None
+            if hit is not None:
+                out[(name, t, r)] = hit
+                stats.n_cached += 1
+            else:
+                tasks.append(Task(_evaluate, (setting, scores, r), ("eval", name, t, r, path)))
+        return tasks
+
+    tasks = []
+    for name, t in pairs:
+        scores = _cached_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], cache_dir, fingerprint)
+        if scores is None:
+            tasks.append(Task(_scores_task, (name, fns[name], x[t], setting.prefix_len, pair_kwargs[(name, t)]),
+                              ("scores", name, t), spawns=len(ratios)))
+        else:
+            stats.n_cached += 1
+            tasks.extend(eval_tasks(name, t, scores))
+
+    def on_done(task: Task, result: Any) -> list[Task]:
+        if task.key[0] == "scores":
+            _, name, t = task.key
+            scores = _store_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], result, cache_dir,
+                                  fingerprint)
+            return eval_tasks(name, t, scores)
+        _, name, t, r, path = task.key
+        if path is not None:
+            _write_eval(path, result)
+        out[(name, t, r)] = result
+        return []
+
+    executor.run(model, tasks, on_done, desc="DEL", progress_bar=progress_bar)
+    return out
+
+
 def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                   tokens: Int[Tensor, "n seq"] | None = None, prefix_len: int | None = None, *,
                   ids: Sequence | None = None, targets: Sequence[int] | None = None, n_targets: int | None = None,
@@ -244,7 +421,7 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                   exclude_layers: Sequence[int] = (0,), random_tokens: Int[Tensor, "m seq"] | None = None,
                   n_random: int = 64, mode: Literal["zero", "mean"] = "zero", batch_size: int = 64,
                   tokenizer: Any = None, cache_dir: str | Path | None = None, fast: bool = True,
-                  progress_bar: bool = True) -> DelResult:
+                  progress_bar: bool = True, executor: Any = "serial") -> DelResult:
     """Run the DEL benchmark (Chang et al. §3.2/§5.2, Table 3 and Figure 2).
 
     Args:
@@ -273,13 +450,18 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         mode: ``"zero"`` (the paper's dropout) or ``"mean"`` (mean ablation over D, see §7).
         batch_size: batch size of the teacher-forced passes.
         tokenizer: for the Levenshtein distance (default: the model's).
-        cache_dir: cache attribution scores there (see :func:`~memloc.benchmarks.localize_cached`).
-        fast: measure the dropouts by re-running only the layers above the excluded ones, the
-            ratios of one (method, target) batched together (the same numbers as full forwards
-            under :func:`memloc.ablation.ablate`, which ``fast=False`` runs; see
-            ``_DropoutMeasurer``).  Methods with a ``layers`` keyword (ZERO-OUT, IG) score only
-            the non-excluded layers either way.
-        progress_bar: progress bar over (method, target).
+        cache_dir: cache attribution scores there (see :func:`~memloc.benchmarks.localize_cached`) and
+            the evaluations (``del_eval/``, keyed by the model, the scores, the ratio and the setting):
+            a sweep run again with the same ``cache_dir`` computes only what is missing.
+        fast: measure the dropouts by re-running only the layers above the excluded ones from the
+            cached input of the first droppable block (the same numbers as full forwards under
+            :func:`memloc.ablation.ablate`, which ``fast=False`` runs; see ``_DropoutMeasurer``).
+            Methods with a ``layers`` keyword (ZERO-OUT, IG) score only the non-excluded layers
+            either way.
+        progress_bar: progress bar over the tasks (attributions and evaluations).
+        executor: ``"serial"`` (default: this process), ``"ray"`` (a local Ray instance) or an
+            executor of :mod:`memloc.executors` (e.g. ``RayExecutor(address)`` for a cluster); the
+            result is the same table.
 
     Returns:
         :class:`DelResult`.
@@ -290,6 +472,7 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
     check_choice(mode, "mode", ("zero", "mean"))
     check_positive_int(batch_size, "batch_size")
     check_positive_int(n_random, "n_random")
+    executor = resolve_executor(executor)
     n_layers = int(model.cfg.n_layers)
     exclude_layers = list(exclude_layers)
     bad = [l for l in exclude_layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers]
@@ -345,47 +528,39 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
     elif mode == "mean":
         raise ValueError("mode='mean' needs random_tokens (the reference batch for the means)")
 
+    start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
+    while start_layer in exclude_layers:
+        start_layer += 1
+    pairs = [(name, t) for name in fns for t in targets]
+    # the excluded layers are never dropped: methods with a ``layers`` keyword (ZERO-OUT, IG) score
+    # only the others (the same top-k selection, without the cost of the excluded layers)
+    scored_layers = [l for l in range(n_layers) if l not in exclude_layers]
+    pair_kwargs = {(name, t): with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer,
+                                            layers=scored_layers)
+                   for name, t in pairs}
+    check_calls(fns, {name: pair_kwargs[(name, t)] for name, t in pairs})
+
     with borrowed(model):
         acc0, dist0, ppl0 = _measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer)
         means = mean_activations(model, random_tokens, batch_size=batch_size) if mode == "mean" else None
         fingerprint = model_fingerprint(model) if cache_dir is not None else None
+        setting = _DelSetting(tokens, prefix_len, random_tokens, batch_size, tokenizer, exclude_layers, mode, means,
+                              start=start_layer, fast=bool(fast))
+        measured = _run_del_tasks(executor, model, fns, pairs, pair_kwargs, ratios, setting, cache_dir, fingerprint,
+                                  progress_bar)
         rows = []
         d_acc: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
         d_dist: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
-        start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
-        while start_layer in exclude_layers:
-            start_layer += 1
-        # the excluded layers are never dropped: methods with a ``layers`` keyword (ZERO-OUT, IG) score
-        # only the others (the same top-k selection, without the cost of the excluded layers)
-        scored_layers = [l for l in range(n_layers) if l not in exclude_layers]
-        measurer = _DropoutMeasurer(model, tokens, prefix_len, random_tokens, batch_size, tokenizer, start_layer,
-                                    means) if fast else None
-        if measurer is not None and not measurer.ok:
-            measurer = None
-        jobs = [(name, t) for name in fns for t in targets]
-        for name, t in progress(jobs, enabled=progress_bar, desc="DEL", total=len(jobs)):
-            scores = localize_cached(model, name, fns[name], tokens[t:t + 1], prefix_len,
-                                     with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer,
-                                                   layers=scored_layers),
-                                     cache_dir=cache_dir,
-                                     fingerprint=fingerprint)
-            masks = [torch.zeros_like(scores, dtype=torch.bool) if r == 0 else
-                     select_top_k(scores, r, per_layer=True, exclude_layers=exclude_layers) for r in ratios]
-            if measurer is not None:
-                measured = measurer(masks)
-            else:
-                measured = []
-                for mask in masks:
-                    with ablate(model, mask, mode=mode, means=means):
-                        measured.append(_measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer))
-            for r, mask, (acc, dist, ppl) in zip(ratios, masks, measured):
+        for name, t in pairs:
+            for r in ratios:
+                acc, dist, ppl, n_dropped = measured[(name, t, r)]
                 da, dd = acc - acc0, dist - dist0
                 neg = torch.ones(n, dtype=torch.bool)
                 neg[t] = False
                 rows.append({"method": name, "ratio": r, "target_id": ids[t], "d_self_acc": float(da[t]),
                              "d_self_dist": float(dd[t]), "d_neg_acc": float(da[neg].mean()),
                              "d_neg_dist": float(dd[neg].mean()), "d_rand_ppl": ppl - ppl0,
-                             "n_dropped": int(mask.sum()), "self_acc_before": float(acc0[t])})
+                             "n_dropped": n_dropped, "self_acc_before": float(acc0[t])})
                 d_acc[(name, r)].append(da.numpy())
                 d_dist[(name, r)].append(dd.numpy())
     target_ids = pd.Index([ids[t] for t in targets], name="target_id")

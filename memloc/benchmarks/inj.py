@@ -17,6 +17,7 @@ back, also on exceptions).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._checks import check_fraction, check_positive_int, check_tokens
 from .._progress import progress
 from ..ablation import n_selected, select_top_k
 from ..borrow import borrowed
+from ..executors import Task, check_calls, resolve_executor
+from .dele import _cached_scores, _store_scores
 from ._scores import (PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods,
                       with_sequence_seed)
 
@@ -262,12 +266,153 @@ def _sequences(model: Any, sequences: Any, n: int | None, max_len: int | None) -
     return out
 
 
+def _injected_rows(model: Any, mask: Tensor) -> Tensor:
+    """The value vectors selected by ``mask`` as rows [n_selected, d_model], in (layer, neuron) order."""
+    parts = []
+    for v in ffn_value_vectors(model):
+        idx = mask[v.layer].nonzero().flatten().to(v.param.device)
+        rows = v.param.detach().index_select(v.neuron_axis, idx)
+        parts.append(rows.T if v.neuron_axis == 1 else rows)
+    return torch.cat(parts).cpu().clone()
+
+
+@contextmanager
+def _with_rows(model: Any, mask: Tensor, values: Tensor) -> Iterator[None]:
+    """Write injected value vectors (from :func:`_injected_rows`) into the model; undone on exit."""
+    vectors = ffn_value_vectors(model)
+    with borrowed(model, restore_weights=[v.name for v in vectors]), torch.no_grad():
+        start = 0
+        for v in vectors:
+            idx = mask[v.layer].nonzero().flatten()
+            rows = values[start:start + len(idx)].to(v.param.device, v.param.dtype)
+            start += len(idx)
+            v.param.index_copy_(v.neuron_axis, idx.to(v.param.device), rows.T if v.neuron_axis == 1 else rows)
+        yield
+
+
+def _inject_task(model: Any, x: Tensor, mask: Tensor, lr: float, max_steps: int, target_loss: float,
+                 fingerprint: bool) -> dict:
+    """Injection task (Algorithm 1 for one sequence): the injected value vectors, the run's outcome
+    and (if ``fingerprint``) the injected model's fingerprint, the key of its score cache."""
+    with injected(model, x, mask, lr=lr, max_steps=max_steps, target_loss=target_loss) as res:
+        return {"values": _injected_rows(model, mask), "steps": res.steps, "final_loss": res.final_loss,
+                "converged": res.converged, "losses": list(res.losses),
+                "fingerprint": model_fingerprint(model) if fingerprint else None}
+
+
+def _inj_scores_task(model: Any, x: Tensor, mask: Tensor, injection: dict, name: str, fn: Callable,
+                     kw: dict) -> Tensor:
+    """Attribution task: one method's scores on the injected model (the injection's value vectors are
+    written into the worker's model, checked against the injected fingerprint, and undone)."""
+    with _with_rows(model, mask, injection["values"]):
+        if injection["fingerprint"] is not None and model_fingerprint(model) != injection["fingerprint"]:
+            raise RuntimeError("the injected value vectors did not reproduce the injected model's weights")
+        return localize_cached(model, name, fn, x, 1, kw)
+
+
+def _injection_cache_path(cache_dir: str | Path, fingerprint: str, x: Tensor, r: float, seed: int, lr: float,
+                          max_steps: int, target_loss: float) -> Path:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (fingerprint, repr(float(r)), str(seed), repr(float(lr)), str(max_steps), repr(float(target_loss)),
+                 str(tuple(x.shape))):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(x.detach().cpu().long().contiguous().flatten().view(torch.uint8).numpy())
+    return Path(cache_dir) / "inj_injection" / f"{h.hexdigest()}.safetensors"
+
+
+def _read_injection(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        d = load_file(str(path))
+        return {"values": d["values"], "steps": int(meta["steps"]), "final_loss": float(d["losses"][-1]),
+                "converged": meta["converged"] == "1", "losses": d["losses"].tolist(),
+                "fingerprint": meta["fingerprint"]}
+    except Exception as exc:  # a truncated or foreign file: inject again
+        logger.warning("could not read injection cache %s (%s); injecting again", path, exc)
+        return None
+
+
+def _write_injection(path: Path, inj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"values": inj["values"].contiguous(), "losses": torch.tensor(inj["losses"], dtype=torch.float64)},
+              str(tmp), metadata={"steps": str(inj["steps"]), "converged": "1" if inj["converged"] else "0",
+                                  "fingerprint": inj["fingerprint"]})
+    tmp.replace(path)
+
+
+def _run_inj_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], seqs: list[Tensor], jobs: list,
+                   seq_kwargs: dict, lr: float, max_steps: int, target_loss: float, cache_dir: str | Path | None,
+                   progress_bar: bool) -> tuple[dict, dict]:
+    """Injections ``{(i, r): InjectionResult}`` and scores ``{(i, r, method): scores}``, read from the
+    cache where present (injections under ``inj_injection/``, scores in the score cache keyed by the
+    injected model), the missing ones computed by ``executor`` (an injection, then one attribution
+    task per method on the injected model)."""
+    stats = executor.start_sweep()
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    base = model_fingerprint(model) if cache_dir is not None else None
+    masks = {(i, r): sample_injection_mask(n_layers, d_mlp, r, i) for i, r in jobs}
+    injections: dict = {}
+    scores: dict = {}
+
+    def attribution_tasks(i: int, r: float, inj: dict) -> list[Task]:
+        mask = masks[(i, r)]
+        injections[(i, r)] = InjectionResult(inj["steps"], inj["final_loss"], inj["converged"], mask.clone(),
+                                             list(inj["losses"]))
+        tasks = []
+        for name, fn in fns.items():
+            hit = None
+            if cache_dir is not None:  # keyed by the injected model's fingerprint: the weights are not read
+                hit = _cached_scores(model, name, seqs[i], 1, seq_kwargs[(name, i)], cache_dir, inj["fingerprint"])
+            if hit is not None:
+                scores[(i, r, name)] = hit
+                stats.n_cached += 1
+            else:
+                tasks.append(Task(_inj_scores_task, (seqs[i], mask, inj, name, fn, seq_kwargs[(name, i)]),
+                                  ("scores", i, r, name, inj)))
+        return tasks
+
+    tasks = []
+    for i, r in jobs:
+        path = (_injection_cache_path(cache_dir, base, seqs[i], r, i, lr, max_steps, target_loss)
+                if cache_dir is not None else None)
+        inj = _read_injection(path) if path is not None else None
+        if inj is None:
+            tasks.append(Task(_inject_task, (seqs[i], masks[(i, r)], lr, max_steps, target_loss, cache_dir is not None),
+                              ("inject", i, r, path), spawns=len(fns)))
+        else:
+            stats.n_cached += 1
+            tasks.extend(attribution_tasks(i, r, inj))
+
+    def on_done(task: Task, result: Any) -> list[Task]:
+        if task.key[0] == "inject":
+            _, i, r, path = task.key
+            if path is not None:
+                _write_injection(path, result)
+            return attribution_tasks(i, r, result)
+        _, i, r, name, inj = task.key
+        if cache_dir is not None:
+            result = _store_scores(model, name, seqs[i], 1, seq_kwargs[(name, i)], result, cache_dir,
+                                   inj["fingerprint"])
+        scores[(i, r, name)] = result
+        return []
+
+    executor.run(model, tasks, on_done, desc="INJ", progress_bar=progress_bar)
+    return injections, scores
+
+
 def inj_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str], *, sequences: Any = None,
                   n: int | None = None, ratios: Sequence[float] = DEFAULT_INJ_RATIOS,
                   k_multiples: Sequence[float] = DEFAULT_K_MULTIPLES, method_kwargs: Mapping[str, Mapping] | None = None,
                   lr: float = DEFAULT_INJ_LR, max_steps: int = 500, target_loss: float = 0.05,
                   max_len: int | None = None, cache_dir: str | Path | None = None,
-                  progress_bar: bool = True) -> pd.DataFrame:
+                  progress_bar: bool = True, executor: Any = "serial") -> pd.DataFrame:
     """Run the INJ benchmark (Chang et al. §3.1, Algorithm 1, Tables 2 and 6).
 
     Args:
@@ -285,8 +430,12 @@ def inj_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str], *
         lr, max_steps, target_loss: Adam learning rate, step cap and the stopping loss (0.05).
         max_len: truncate sequences to this many tokens (default: the model's context).
         cache_dir: if given, attribution scores are cached there (keyed by the injected model's
-            fingerprint, method, hyperparameters and sequence).
-        progress_bar: show a progress bar over (sequence, ratio) injections.
+            fingerprint, method, hyperparameters and sequence), and so are the injections
+            (``inj_injection/``: the injected value vectors, keyed by the model, sequence, ratio, seed
+            and fine-tuning settings): a sweep run again computes only what is missing.
+        progress_bar: show a progress bar over the tasks (injections and attributions).
+        executor: ``"serial"`` (default: this process), ``"ray"`` (a local Ray instance) or an
+            executor of :mod:`memloc.executors`; the result is the same table.
 
     Returns:
         Tidy DataFrame, one row per (sequence, method, ratio, k, selection): ``seq_id, method,
@@ -310,30 +459,30 @@ def inj_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str], *
         raise ValueError(f"ratio x k_multiple must be <= 1, got {too_big}")
     if max_len is not None:
         check_positive_int(max_len, "max_len")
+    executor = resolve_executor(executor)
     seqs = _sequences(model, sequences, n, max_len)
-    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     ffn_value_vectors(model)  # fail early on architectures without a W_out
+    seq_kwargs = {(name, i): with_sequence_seed(fn, kwargs[name], i) for name, fn in fns.items() for i in range(len(seqs))}
+    check_calls(fns, {name: seq_kwargs[(name, 0)] for name in fns})
     rows = []
     jobs = [(i, r) for i in range(len(seqs)) for r in ratios]
     with borrowed(model):
-        for i, r in progress(jobs, enabled=progress_bar, desc="INJ", total=len(jobs)):
+        injections, scores = _run_inj_tasks(executor, model, fns, seqs, jobs, seq_kwargs, lr, max_steps, target_loss,
+                                            cache_dir, progress_bar)
+        for i, r in jobs:
             x = seqs[i]
-            mask = sample_injection_mask(n_layers, d_mlp, r, i)
-            with injected(model, x, mask, lr=lr, max_steps=max_steps, target_loss=target_loss) as res:
-                fingerprint = model_fingerprint(model) if cache_dir is not None else None
-                for name, fn in fns.items():
-                    scores = localize_cached(model, name, fn, x, 1, with_sequence_seed(fn, kwargs[name], i),
-                                             cache_dir=cache_dir,
-                                             fingerprint=fingerprint)
-                    for m in k_multiples:
-                        k = r * m
-                        for sel, per_layer in (("per_layer", True), ("across_layers", False)):
-                            rows.append({"seq_id": i, "method": name, "ratio": r, "k": k, "k_multiple": m,
-                                         "selection": sel,
-                                         "recall": recall_at_k(scores, mask, k, per_layer=per_layer),
-                                         "n_injected": res.n_injected, "inj_steps": res.steps,
-                                         "inj_final_loss": res.final_loss, "inj_converged": res.converged,
-                                         "seq_len": int(x.shape[1])})
+            res = injections[(i, r)]
+            mask = res.mask
+            for name in fns:
+                for m in k_multiples:
+                    k = r * m
+                    for sel, per_layer in (("per_layer", True), ("across_layers", False)):
+                        rows.append({"seq_id": i, "method": name, "ratio": r, "k": k, "k_multiple": m,
+                                     "selection": sel,
+                                     "recall": recall_at_k(scores[(i, r, name)], mask, k, per_layer=per_layer),
+                                     "n_injected": res.n_injected, "inj_steps": res.steps,
+                                     "inj_final_loss": res.final_loss, "inj_converged": res.converged,
+                                     "seq_len": int(x.shape[1])})
     df = pd.DataFrame(rows)
     n_bad = int((~df.drop_duplicates(["seq_id", "ratio"])["inj_converged"]).sum()) if len(df) else 0
     if n_bad:

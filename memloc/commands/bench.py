@@ -57,7 +57,38 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="cache attribution scores in this directory")
     p.add_argument("--max-steps", type=int, default=500, help="INJ: step cap of the injection fine-tuning")
     p.add_argument("--lr", type=float, default=None, help="INJ: Adam learning rate of the injection (default 1e-2)")
+    add_executor_args(p)
     p.set_defaults(run=run)
+
+
+def add_executor_args(p) -> None:
+    """--executor / --ray-address / --ray-workers / --ray-gpus (memloc.executors)."""
+    p.add_argument("--executor", choices=["serial", "ray"], default="serial",
+                   help="serial (default): this process; ray: one Ray actor per worker, each loading the model once "
+                        "(needs the extra memloc[ray]); with --cache-dir a stopped sweep resumes where it stopped")
+    p.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster at this address (host:port, ray://host:port or auto); "
+                        "default: start a local Ray instance on this machine's CPUs")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="number of Ray workers (default: as many as the cluster's CPUs, or GPUs, hold)")
+    p.add_argument("--ray-gpus", type=float, default=0,
+                   help="GPUs per Ray worker (default 0; with GPUs the workers load the model on cuda)")
+
+
+def make_executor(args):
+    """The executor the flags ask for; a missing Ray install is a usage error naming the extra."""
+    from ..executors import RayExecutor, SerialExecutor
+
+    if args.executor == "serial":
+        if args.ray_address is not None or args.ray_workers is not None or args.ray_gpus:
+            raise ValueError("--ray-address, --ray-workers and --ray-gpus need --executor ray")
+        return SerialExecutor()
+    try:
+        ex = RayExecutor(args.ray_address, num_workers=args.ray_workers, num_gpus_per_worker=args.ray_gpus)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from exc
+    ex.preflight()
+    return ex
 
 
 def _methods(arg) -> list[str]:
@@ -139,13 +170,14 @@ def run(args) -> int:
     from ..models import load_model
 
     methods, kwargs = check_args(args)
+    executor = make_executor(args)
     model = load_model(args.model, device=args.device)
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.2f}".format):
         if args.benchmark == "inj":
             ratios = args.ratio or list(DEFAULT_INJ_RATIOS)
             inj_kw = {} if args.lr is None else {"lr": args.lr}
             df = inj_benchmark(model, methods, n=args.n or 8, ratios=ratios, method_kwargs=kwargs,
-                               max_steps=args.max_steps, cache_dir=args.cache_dir, **inj_kw)
+                               max_steps=args.max_steps, cache_dir=args.cache_dir, executor=executor, **inj_kw)
             first = df.drop_duplicates(["seq_id", "ratio"])
             n_inj = first.groupby("ratio")["n_injected"].first().to_dict()
             print(f"INJ benchmark on {args.model}: {df['seq_id'].nunique()} sequences, injection ratios "
@@ -164,7 +196,8 @@ def run(args) -> int:
         else:
             ratios = args.ratio or list(DEFAULT_DEL_RATIOS)
             res = del_benchmark(model, methods, n_targets=args.n, set_size=args.set_size, ratios=ratios,
-                                n_random=args.n_random, method_kwargs=kwargs, cache_dir=args.cache_dir)
+                                n_random=args.n_random, method_kwargs=kwargs, cache_dir=args.cache_dir,
+                                executor=executor)
             t = del_table(res)
             shown = t.copy()
             shown.columns = pd.MultiIndex.from_tuples([(m, f"{r * 100:g}%") for m, r in t.columns],
