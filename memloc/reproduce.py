@@ -58,6 +58,9 @@ __all__ = ["STAGES", "Settings", "QUICK", "DEFAULT", "ReproduceResult", "reprodu
 #: Pipeline stages in order.
 STAGES = ("memorization", "perturbation", "gradients", "contrastive", "finetune", "head", "rare_tokens", "inj",
           "del", "patching")
+#: Floats in the written CSVs: 6 significant digits, so that a rerun writes the same bytes (the last
+#: digits of float32 sums vary with batch composition and thread count).
+CSV_FLOAT_FORMAT = "%.6g"
 #: Stages that cannot run without memorized paragraphs.
 NEEDS_MP = ("contrastive", "finetune", "del", "patching")
 
@@ -284,7 +287,7 @@ class _Run:
 
     def table(self, stage: str, df: pd.DataFrame, name: str, index: bool = False) -> None:
         path = self.out / f"{name}.csv"
-        df.to_csv(path, index=index)
+        df.to_csv(path, index=index, float_format=CSV_FLOAT_FORMAT)
         self.r.tables.setdefault(stage, []).append(path)
 
 
@@ -735,20 +738,25 @@ def _write_report(r: ReproduceResult, model_name: str, settings: Settings, notes
             lines += ["Interactive: " + ", ".join(f"[{p.stem}]({p.name})" for p in html), ""]
         if r.tables.get(stage):
             lines += ["Tables: " + ", ".join(f"[{p.name}]({p.name})" for p in r.tables[stage]), ""]
-        if stage in r.timings:
-            cached = " — results read from the cache" if stage in r.summary.get("cached_stages", []) else ""
-            lines += [f"*({r.timings[stage]:.0f} s{cached})*", ""]
     lines += ["## Settings", "", "```", json.dumps(dataclasses.asdict(settings), indent=1), "```", ""]
     r.report.write_text("\n".join(lines))
 
 
+def _write_timings(r: ReproduceResult, path: Path) -> None:
+    """Stage times and cache hits: kept out of REPORT.md so that the report is byte-stable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": {k: round(v, 1) for k, v in r.timings.items()},
+                                "total_seconds": round(sum(r.timings.values()), 1),
+                                "cached_stages": r.summary.get("cached_stages", [])}, indent=1) + "\n")
+
+
 # ------------------------------------------------------------------------------------ entry point
 
-def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = False, settings: Settings | None = None,
+def reproduce(model: Any, out_dir: str | Path = "memloc-out", *, quick: bool = False, settings: Settings | None = None,
               paragraphs: ParagraphSet | None = None, non_memorized_max_em: int | None = None,
               frequencies: Int[Tensor, "vocab"] | None = None, stages: Sequence[str] | None = None,
               cache_dir: str | Path | None = ".memloc_cache", png: bool = True, model_name: str = "model",
-              progress_bar: bool = True) -> ReproduceResult:
+              progress_bar: bool = True, timings_path: str | Path | None = None) -> ReproduceResult:
     """Run the reproduction pipeline of both papers on ``model`` and write figures, tables and REPORT.md.
 
     Args:
@@ -767,6 +775,9 @@ def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = Fals
             note in the report).
         model_name: the name shown in the report.
         progress_bar: progress bars (also silenced by ``MEMLOC_PROGRESS=0``).
+        timings_path: where the stage times and cache hits are written as JSON (default
+            ``out_dir/timings.json``); REPORT.md and the CSVs hold no times, so that a rerun
+            writes the same bytes.
 
     Returns:
         :class:`ReproduceResult`.
@@ -925,4 +936,5 @@ def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = Fals
     result.summary["seconds"] = sum(result.timings.values())
     result.summary["cached_stages"] = sorted({st for st in STAGES for hit in cache.hits if hit.startswith(st)})
     _write_report(result, model_name, settings, notes, quick)
+    _write_timings(result, Path(timings_path) if timings_path is not None else out / "timings.json")
     return result

@@ -185,6 +185,7 @@ def test_bad_input_fails_before_work(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce_cmd, "run", lambda ns: seen.setdefault("ns", ns) and 0)
     assert demo.run(args) == 0
     assert seen["ns"].model == "tiny" and seen["ns"].out == str(tmp_path / "g") and seen["ns"].quick
+    assert cli.build_parser().parse_args(["demo"]).out == "memloc-demo"
 
 
 def test_select_groups_and_default_paragraphs(tiny):
@@ -255,3 +256,52 @@ def test_del_leaves_out_the_tuning_dev_set(tiny, tmp_path, monkeypatch):
     reproduce(tiny, tmp_path / "b", settings=settings, cache_dir=None, png=False, progress_bar=False,
               stages=["memorization", "del"])
     assert set(pd.read_csv(tmp_path / "b" / "del_confusion.csv")["seq_id"]) == ids - set(dev)
+
+
+def test_rerun_writes_the_same_bytes(tiny, tiny_run, tmp_path):
+    """Issue 12 finding 1: rerunning rewrote the tracked gallery (float digits, stage times in the
+    report).  A cached rerun and an uncached recompute write byte-identical CSVs and REPORT.md;
+    stage times go to timings.json only."""
+    import json
+
+    res, out, cache = tiny_run
+    reproduce(tiny, tmp_path / "again", settings=TINY_SETTINGS, cache_dir=cache, model_name="tiny", png=False,
+              progress_bar=False)
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".md"))
+    assert "REPORT.md" in written and len(written) > 10
+    assert written == sorted(p.name for p in (tmp_path / "again").iterdir() if p.suffix in (".csv", ".md"))
+    for name in written:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    timings = json.loads((tmp_path / "again" / "timings.json").read_text())
+    assert set(timings["seconds"]) == set(STAGES)
+    assert not re.search(r"\d s\b|seconds", (out / "REPORT.md").read_text())
+    # recomputed without the cache, the cheap stages write the same bytes
+    reproduce(tiny, tmp_path / "fresh", settings=TINY_SETTINGS, cache_dir=None, model_name="tiny", png=False,
+              progress_bar=False, stages=["perturbation", "gradients"], timings_path=tmp_path / "t.json")
+    assert (tmp_path / "t.json").exists() and not (tmp_path / "fresh" / "timings.json").exists()
+    for name in ("memorization.csv", "perturbation_profile.csv", "perturbation_by_position.csv", "pmps.csv",
+                 "param_gradients_mp_vs_nmp.csv", "param_gradients_em_bins.csv", "attention_vs_mlp_totals.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_demo_writes_outside_the_tracked_tree():
+    """Issue 12 finding 1: `make demo` must leave `git status` clean: its default output directory
+    (and the gallery's timings file) are git-ignored and untracked; only `make gallery` writes figures/."""
+    import subprocess
+    from pathlib import Path
+
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.out != "figures" and cli.build_parser().parse_args(["reproduce"]).out != "figures"
+    repo = Path(__file__).resolve().parents[1]
+    makefile = (repo / "Makefile").read_text()
+    demo_recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "figures" not in demo_recipe
+    assert "--out figures" in re.search(r"^gallery:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (f"{args.out}/REPORT.md", f"{args.out}/memorization.csv", "memloc-out/REPORT.md",
+                 "figures/timings.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, path
+    tracked = subprocess.run(["git", "ls-files", args.out, "memloc-out"], cwd=repo, capture_output=True,
+                             text=True).stdout
+    assert tracked == ""

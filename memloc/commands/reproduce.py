@@ -8,9 +8,12 @@ from . import add_model_arg
 def add_parser(sub) -> None:
     from ..reproduce import STAGES
 
-    p = sub.add_parser("reproduce", help="reproduce the papers' figures and tables on a model (figures/, REPORT.md)")
+    p = sub.add_parser("reproduce", help="reproduce the papers' figures and tables on a model (figures, CSVs, REPORT.md)")
     add_model_arg(p)
-    p.add_argument("--out", default="figures", help="output directory (default: figures)")
+    p.add_argument("--out", default="memloc-out",
+                   help="output directory (default: memloc-out; `make gallery` writes the committed figures/)")
+    p.add_argument("--timings", default=None, metavar="PATH",
+                   help="where stage times are written as JSON (default: OUT/timings.json; REPORT.md holds none)")
     p.add_argument("--quick", action="store_true", help="small sizes: every stage, a few minutes on CPU")
     p.add_argument("--cache-dir", default=".memloc_cache",
                    help="cache of stage results and attribution scores (default: .memloc_cache)")
@@ -60,7 +63,7 @@ def run(args) -> int:
     model = load_model(args.model, device=args.device)
     res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
                     cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
-                    model_name=args.model)
+                    model_name=args.model, timings_path=getattr(args, "timings", None))
     for stage, finding in res.findings.items():
         print(f"[{stage}] {finding}")
     for stage, why in res.skipped.items():
