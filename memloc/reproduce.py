@@ -219,6 +219,55 @@ def select_groups(df: pd.DataFrame, n_mp: int, n_nmp: int) -> tuple[np.ndarray, 
     return mp[_subset_evenly(len(mp), n_mp)], nmp[_subset_evenly(len(nmp), n_nmp)]
 
 
+# ------------------------------------------------------------------------------------ console
+
+#: Seconds of each stage in the default run on the embedded model (``make demo``, idle 2-core
+#: machine, README "Gallery"): the shape of the overall estimate, scaled by the stages done so far.
+TYPICAL_SECONDS = {"memorization": 29, "perturbation": 66, "gradients": 10, "contrastive": 14, "finetune": 217,
+                   "head": 5, "rare_tokens": 2, "inj": 130, "del": 265, "patching": 11}
+
+
+def fmt_duration(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s"
+
+
+class StageClock:
+    """One console line per stage, ``[3/10] gradients … 10 s (about 4 min left)``, on the
+    ``memloc.reproduce`` logger (stderr at INFO via the CLI; ``memloc -q`` silences it).
+
+    The estimate of what is left is the typical stage times (:data:`TYPICAL_SECONDS`, or
+    ``expected``) of the stages still to run, scaled by how the stages done so far compared
+    with their typical times.
+    """
+
+    def __init__(self, stages: Sequence[str], expected: dict[str, float] | None = None) -> None:
+        self.stages = list(stages)
+        self.expected = {st: float((expected or TYPICAL_SECONDS).get(st, 10.0)) for st in self.stages}
+        self.spent: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+        logger.info("reproduce: %d stages (%s)", len(self.stages), ", ".join(self.stages))
+
+    def _left(self) -> float:
+        done_expected = sum(self.expected[st] for st in self.spent)
+        scale = sum(self.spent.values()) / done_expected if done_expected > 0 else 1.0
+        return scale * sum(self.expected[st] for st in self.stages if st not in self.spent)
+
+    def begin(self, stage: str) -> None:
+        logger.info("[%d/%d] %s …", self.stages.index(stage) + 1, len(self.stages), stage)
+
+    def end(self, stage: str, seconds: float, note: str = "") -> None:
+        self.spent[stage] = seconds
+        left = self._left()
+        tail = f"about {fmt_duration(left)} left" if left > 0 else f"done in {fmt_duration(time.perf_counter() - self.t0)}"
+        logger.info("[%d/%d] %s … %s%s (%s)", self.stages.index(stage) + 1, len(self.stages), stage,
+                    fmt_duration(seconds), f", {note}" if note else "", tail)
+
+
 # ------------------------------------------------------------------------------------ caching
 
 def _hash(*parts: Any) -> str:
@@ -794,6 +843,7 @@ def reproduce(model: Any, out_dir: str | Path = "memloc-out", *, quick: bool = F
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
     if "memorization" not in stages:
         stages.insert(0, "memorization")  # everything depends on the split
+    stages = [st for st in STAGES if st in stages]
     if paragraphs is not None and not isinstance(paragraphs, ParagraphSet):
         raise ValueError(f"paragraphs must be a memloc.data.ParagraphSet, got {type(paragraphs).__name__}")
     for name in ("n_mp", "n_nmp", "n_perturb", "n_finetune", "inj_n", "del_set_size", "del_targets", "n_patching",
@@ -836,13 +886,17 @@ def reproduce(model: Any, out_dir: str | Path = "memloc-out", *, quick: bool = F
                              for m, kw in run.tuned.items())
                          + f"; the {len(dev_ids)} dev paragraphs are left out of the DEL set")
 
+        clock = StageClock(stages)
+
         def timed(stage: str, fn: Callable[[], Any]) -> Any:
             t0 = time.perf_counter()
-            logger.info("reproduce: stage %s", stage)
+            clock.begin(stage)
             try:
                 return fn()
             finally:
                 result.timings[stage] = time.perf_counter() - t0
+                clock.end(stage, result.timings[stage],
+                          "from the cache" if any(h.startswith(stage) for h in cache.hits) else "")
 
         mem = timed("memorization", lambda: _stage_memorization(run, paragraphs, nmp_max_em))
         sub_idx = _subset_evenly(len(paragraphs), settings.max_paragraphs)
@@ -874,7 +928,7 @@ def reproduce(model: Any, out_dir: str | Path = "memloc-out", *, quick: bool = F
 
         def skip(stage: str, reason: str) -> None:
             result.skipped[stage] = reason
-            logger.info("reproduce: skipping %s (%s)", stage, reason)
+            clock.end(stage, 0.0, f"skipped: {reason}")
 
         pert = pmps = None
         if "perturbation" in stages:

@@ -305,3 +305,45 @@ def test_demo_writes_outside_the_tracked_tree():
     tracked = subprocess.run(["git", "ls-files", args.out, "memloc-out"], cwd=repo, capture_output=True,
                              text=True).stdout
     assert tracked == ""
+
+
+def test_console_line_per_stage_with_an_estimate(tiny, tmp_path, caplog):
+    """Issue 12 finding 2: one line per stage, `[i/n] stage … 10 s`, with what is left."""
+    import logging
+
+    from memloc.reproduce import StageClock, fmt_duration
+
+    assert (fmt_duration(9.6), fmt_duration(185)) == ("10 s", "3 min 05 s")
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        clock = StageClock(["a", "b", "c"], expected={"a": 10, "b": 30, "c": 10})
+        clock.end("a", 5.0)  # half the typical time: the 40 s left are scaled to 20 s
+        clock.end("b", 0.0, "skipped: why")
+        clock.end("c", 2.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[1] == "[1/3] a … 5 s (about 20 s left)"
+    assert lines[2].startswith("[2/3] b … 0 s, skipped: why (about ")
+    assert lines[3].startswith("[3/3] c … 2 s (done in ")
+    caplog.clear()
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=12)
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        reproduce(tiny, tmp_path, settings=settings, cache_dir=None, png=False, progress_bar=False,
+                  stages=["memorization", "patching"])
+    done = [r.getMessage() for r in caplog.records if re.match(r"\[\d/2\] \w+ … \d+ s", r.getMessage())]
+    assert [d.split(" … ")[0] for d in done] == ["[1/2] memorization", "[2/2] patching"]
+
+
+@pytest.mark.slow
+def test_quiet_flag_silences_the_stage_lines(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "memloc.cli", "{q}", "reproduce", "--out", str(tmp_path / "o"), "--no-cache",
+           "--no-png", "--quick", "--max-paragraphs", "8", "--stages", "memorization"]
+    loud = subprocess.run([c for c in cmd if c != "{q}"], cwd=repo, env=env, capture_output=True, text=True)
+    quiet = subprocess.run([c.replace("{q}", "-q") for c in cmd], cwd=repo, env=env, capture_output=True, text=True)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "[1/1] memorization … " in loud.stderr and "[1/1]" not in quiet.stderr

@@ -61,9 +61,12 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)
-    res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
-                    cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
-                    model_name=args.model, timings_path=getattr(args, "timings", None))
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # stage lines print above the progress bars
+        res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
+                        cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
+                        model_name=args.model, timings_path=getattr(args, "timings", None))
     for stage, finding in res.findings.items():
         print(f"[{stage}] {finding}")
     for stage, why in res.skipped.items():
