@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from memloc import cli
-from memloc.reproduce import QUICK, STAGES, Settings, default_paragraphs, reproduce, select_groups
+from memloc.data import default_paragraphs, select_groups
+from memloc.reproduce import QUICK, STAGES, Settings, reproduce
 
 # even smaller than --quick: the test budget is about a minute on 2 cores
 TINY_SETTINGS = dataclasses.replace(
@@ -328,8 +329,9 @@ def test_console_line_per_stage_with_an_estimate(tiny, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
         reproduce(tiny, tmp_path, settings=settings, cache_dir=None, png=False, progress_bar=False,
                   stages=["memorization", "patching"])
-    done = [r.getMessage() for r in caplog.records if re.match(r"\[\d/2\] \w+ … \d+ s", r.getMessage())]
-    assert [d.split(" … ")[0] for d in done] == ["[1/2] memorization", "[2/2] patching"]
+    done = [r.getMessage() for r in caplog.records if re.match(r"\[\d/\d\] \w+ … \d+ s", r.getMessage())]
+    # patching requires the PMPs of the perturbation stage, which the runner adds
+    assert [d.split(" … ")[0] for d in done] == ["[1/3] memorization", "[2/3] perturbation", "[3/3] patching"]
 
 
 @pytest.mark.slow
@@ -347,3 +349,26 @@ def test_quiet_flag_silences_the_stage_lines(tmp_path):
     quiet = subprocess.run([c.replace("{q}", "-q") for c in cmd], cwd=repo, env=env, capture_output=True, text=True)
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "[1/1] memorization … " in loud.stderr and "[1/1]" not in quiet.stderr
+
+
+def test_unknown_tokenizer_skips_paragraph_stages_with_a_reason(tmp_path, unchanged):
+    """A model whose vocabulary matches no bundled paragraph set (e.g. SmolLM2's 49,152) gets no
+    crash: the paragraph stages are skipped with the reason, the claims are `not applicable`."""
+    from memloc.data import bundled_profile
+    from memloc.models import load_model
+    from tests.factories import build_random_model
+
+    model = load_model(build_random_model("llama", tmp_path / "llama"))
+    assert bundled_profile(model) is None
+    with pytest.raises(ValueError, match="no bundled paragraph set"):
+        default_paragraphs(model)
+    with unchanged(model):
+        res = reproduce(model, tmp_path / "out", cache_dir=tmp_path / "cache", png=False, progress_bar=False,
+                        stages=["rare_tokens", "patching"])
+    assert "no bundled paragraph set fits this model's vocabulary (512 tokens)" in res.skipped["memorization"]
+    for stage in ("perturbation", "head", "rare_tokens", "patching"):
+        assert res.skipped[stage].startswith("needs the memorization stage, which was skipped"), stage
+    assert res.skipped["inj"] == "not requested (--stages)"
+    assert set(res.claims["verdict"]) == {"not applicable"}
+    report = res.report.read_text()
+    assert "## Claims ledger" in report and "pass paragraphs=" in report

@@ -42,7 +42,15 @@ def run(args) -> int:
     from ..models import load_model
 
     model = load_model(args.model, device=args.device)
-    name = args.paragraphs or ("tiny" if args.model == "tiny" else "gpt-neo-125m")
+    name = args.paragraphs
+    if name is None:  # the model's bundled profile (memloc.data.bundled_profile) picks the set
+        from ..data import bundled_profile
+
+        profile = bundled_profile(model)
+        if profile is None:
+            raise ValueError(f"no bundled paragraph set fits this model's vocabulary ({int(model.cfg.d_vocab)} "
+                             "tokens); pass --paragraphs")
+        name = profile.paragraph_sets[0]
     df = compute(model, name, args.batch_size)
     summary = summarize(args.model, name, df)
     write_json({"summary": summary, "rows": df.to_dict(orient="records")}, args.json)

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), metavar="STAGE",
                    help=f"run only these stages (memorization always runs): {', '.join(STAGES)}")
     p.add_argument("--paragraphs", default=None,
-                   help="bundled paragraph set name (default: chosen by the model's vocabulary size)")
+                   help="bundled paragraph set name (default: the model's bundled profile, memloc.data.bundled_profile)")
     p.add_argument("--max-paragraphs", type=int, default=None,
                    help="score at most this many paragraphs in the memorization stage (evenly spaced subset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the forward passes")
@@ -71,5 +71,7 @@ def run(args) -> int:
         print(f"[{stage}] {finding}")
     for stage, why in res.skipped.items():
         print(f"[{stage}] skipped: {why}")
+    for row in res.claims.itertuples():
+        print(f"[claim] {row.id}: {row.verdict}" + (f" — {row.statistic}" if row.statistic else f" ({row.reason})"))
     print(f"report: {res.report}  ({time.perf_counter() - t0:.0f} s in total)")
     return 0
