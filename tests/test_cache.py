@@ -12,7 +12,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from memloc.benchmarks import DelResult

@@ -372,3 +372,36 @@ def test_unknown_tokenizer_skips_paragraph_stages_with_a_reason(tmp_path, unchan
     assert set(res.claims["verdict"]) == {"not applicable"}
     report = res.report.read_text()
     assert "## Claims ledger" in report and "pass paragraphs=" in report
+
+
+def test_claims_ledger_opens_the_report(tiny_run):
+    """Issue 13 §2: REPORT.md opens with the claims ledger (also claims.csv); every claim is there,
+    its numbers are those of the written tables, and a claim whose stages ran is not `not applicable`
+    unless it says why."""
+    from memloc.reproduce.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, NOT_APPLICABLE
+
+    res, out, _ = tiny_run
+    ledger = pd.read_csv(out / "claims.csv")
+    ledger[["statistic", "reason"]] = ledger[["statistic", "reason"]].fillna("")
+    assert list(ledger["id"]) == [c.id for c in CLAIMS]
+    assert set(ledger["verdict"]) <= {HOLDS, DOES_NOT_HOLD, NOT_APPLICABLE}
+    report = (out / "REPORT.md").read_text()
+    assert report.index("## Claims ledger") < report.index("## Headline") < report.index("## Memorized")
+    for row in ledger.itertuples():
+        assert f"| {row.claim} |" in report
+        assert (row.verdict == NOT_APPLICABLE) == bool(row.reason), row.id
+    by_id = ledger.set_index("id")
+    # TINY_SETTINGS has IG, ACTIVATIONS and RANDOM: the ranking and the RANDOM baselines are testable
+    for claim in ("perturbation_robust", "lower_layer_gradients", "top_contrastive_low_wv",
+                  "head_attends_rare_tokens", "sparse_unlearning_beats_random", "inj_above_random", "inj_ranking"):
+        assert by_id.loc[claim, "verdict"] != NOT_APPLICABLE, (claim, by_id.loc[claim, "reason"])
+    # the lower-layer share difference is the one of the written gradient table (layers 0-1 of 4)
+    g = pd.read_csv(out / "param_gradients_mp_vs_nmp.csv")
+    lay = g.groupby(["group", "layer"])["value"].sum().unstack("layer")
+    low = (lay[[0, 1]].sum(axis=1) / lay.sum(axis=1))
+    assert abs(by_id.loc["lower_layer_gradients", "value"] - (low["MP"] - low["NMP"])) < 1e-4
+    assert (by_id.loc["lower_layer_gradients", "verdict"] == HOLDS) == (low["MP"] - low["NMP"] >= 0.02)
+    # the perturbation ratio is the one of the written per-position table
+    p = pd.read_csv(out / "perturbation_by_position.csv").groupby("group")["mean"].mean()
+    assert abs(by_id.loc["perturbation_robust", "value"] - p["memorized"] / p["non-memorized"]) < 1e-4
+    pd.testing.assert_frame_equal(res.claims.drop(columns="value"), ledger.drop(columns="value"), check_dtype=False)

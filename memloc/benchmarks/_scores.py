@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..cache import ContentCache, digest, model_fingerprint
+from ..cache import tensor_bytes as _tensor_bytes  # noqa: F401  (the old private name)
 
 logger = logging.getLogger(__name__)
 

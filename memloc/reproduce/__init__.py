@@ -48,7 +48,7 @@ from ..data import ParagraphSet
 from ._format import fmt_duration
 from .claims import CLAIMS, claims_ledger, claims_markdown, compare_claims, write_claims
 from .context import RunContext, build_context, check_stages
-from .report import TITLES as _TITLES
+from .report import TITLES as _TITLES  # noqa: F401  (the old private name, kept for callers)
 from .report import write_report, write_timings
 from .runner import TYPICAL_SECONDS, Stage, StageClock
 from .settings import CSV_FLOAT_FORMAT, DEFAULT, QUICK, STAGES, ReproduceResult, Settings

@@ -10,6 +10,7 @@ import torch
 
 from ..context import RunContext
 from ..runner import Inputs, Stage
+from .memorization import needs_a_group
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,6 @@ class GradientsResult:
 
     def bin_order(self) -> list[str]:
         return list(pd.unique(self.bins["group"]))
-
-
-def skip(ctx: RunContext, inputs: Inputs) -> str | None:
-    mem = inputs["memorization"]
-    return "no memorized or non-memorized paragraphs" if not len(mem.mp_rows) and not len(mem.nmp_rows) else None
 
 
 def compute(ctx: RunContext, inputs: Inputs) -> GradientsResult:
@@ -95,4 +91,4 @@ def render(ctx: RunContext, r: GradientsResult) -> str:
 
 
 STAGE = Stage("gradients", "Parameter gradients, MP vs NMP and EM bins (Stoehr et al. Fig. 4 top, Fig. 9)", compute,
-              render, requires=("memorization",), skip=skip, settings=("n_mp",))
+              render, requires=("memorization",), skip=needs_a_group, settings=("n_mp",))

@@ -55,6 +55,12 @@ def skip(ctx: RunContext, inputs: Inputs) -> str | None:
     return None
 
 
+def needs_a_group(ctx: RunContext, inputs: Inputs) -> str | None:
+    """Skip rule of the stages that run on MPs, NMPs or both."""
+    mem = inputs["memorization"]
+    return "no memorized or non-memorized paragraphs" if not len(mem.mp_rows) and not len(mem.nmp_rows) else None
+
+
 def compute(ctx: RunContext, inputs: Inputs) -> MemorizationResult:
     from ...metrics import memorization, split_memorization
 

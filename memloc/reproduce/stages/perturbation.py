@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..context import RunContext
 from ..runner import Inputs, Stage
+from .memorization import needs_a_group
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,6 @@ class PerturbationStageResult:
     @property
     def n_mp(self) -> int:
         return self.labels.count("memorized")
-
-
-def skip(ctx: RunContext, inputs: Inputs) -> str | None:
-    mem = inputs["memorization"]
-    return "no memorized or non-memorized paragraphs" if not len(mem.mp_rows) and not len(mem.nmp_rows) else None
 
 
 def _slice_result(res: Any, n: int) -> Any:
@@ -102,4 +98,4 @@ def render(ctx: RunContext, r: PerturbationStageResult) -> str:
 
 
 STAGE = Stage("perturbation", "Prefix-token perturbation (Stoehr et al. Fig. 3)", compute, render,
-              requires=("memorization",), skip=skip, settings=("n_perturb", "perturb_samples", "batch_size"))
+              requires=("memorization",), skip=needs_a_group, settings=("n_perturb", "perturb_samples", "batch_size"))

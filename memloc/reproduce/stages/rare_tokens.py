@@ -11,6 +11,7 @@ import torch
 from .._format import fmt_head
 from ..context import RunContext
 from ..runner import Inputs, Stage
+from .memorization import needs_a_group
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,7 @@ def render(ctx: RunContext, r: RareTokensResult) -> str:
 
 
 def skip(ctx: RunContext, inputs: Inputs) -> str | None:
-    mem = inputs["memorization"]
-    if not len(mem.mp_rows) and not len(mem.nmp_rows):
-        return "no memorized or non-memorized paragraphs"
-    return None if ctx.frequencies is not None else "no token frequencies"
+    return needs_a_group(ctx, inputs) or (None if ctx.frequencies is not None else "no token frequencies")
 
 
 STAGE = Stage("rare_tokens", "Rare-token attention (Stoehr et al. Fig. 7)", compute, render,
