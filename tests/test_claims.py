@@ -37,7 +37,7 @@ def test_perturbation_rule():
     v, row = verdict({"perturbation": perturbation(3.0, 0.0)}, "perturbation_robust")
     assert v == C.NOT_APPLICABLE and "NMP" in row.reason
     v, row = verdict({}, "perturbation_robust", skipped={"perturbation": "no memorized paragraphs"})
-    assert v == C.NOT_APPLICABLE and row.reason == "the perturbation stage did not run (no memorized paragraphs)"
+    assert v == C.NOT_APPLICABLE and row.reason == "the perturbation stage did not run: no memorized paragraphs"
 
 
 def gradients(mp_shares, nmp_shares, bin_shares=None):
@@ -202,5 +202,7 @@ def test_every_claim_is_listed_once_and_csv_round_trips(tmp_path):
                                                                   "a verdict"]
     with pytest.raises(ValueError, match="paths"):
         C.compare_claims([tmp_path / "missing"])
+    a.loc[1, ["statistic", "verdict"]] = ["share of max-|grad|", C.HOLDS]
     md = "\n".join(C.claims_markdown(a))
-    assert md.count("\n| ") == len(ids) + 2 and "**not applicable** (the del stage did not run (not requested))" in md
+    assert "| share of max-\\|grad\\| |" in md  # a pipe inside a cell is escaped
+    assert md.count("\n| ") == len(ids) + 2 and "**not applicable** (the del stage did not run: not requested)" in md

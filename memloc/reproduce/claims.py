@@ -287,7 +287,7 @@ def _evaluate(claim: Claim, results: Mapping[str, Any], skipped: Mapping[str, st
            "rule": claim.rule, "statistic": "", "value": math.nan, "verdict": NOT_APPLICABLE, "reason": ""}
     missing = [s for s in claim.needs if s not in results]
     if missing:
-        row["reason"] = f"the {missing[0]} stage did not run" + (f" ({skipped[missing[0]]})" if missing[0] in skipped
+        row["reason"] = f"the {missing[0]} stage did not run" + (f": {skipped[missing[0]]}" if missing[0] in skipped
                                                                   else "")
         return row
     try:
@@ -311,9 +311,13 @@ def claims_markdown(ledger: pd.DataFrame) -> list[str]:
     lines = ["## Claims ledger", "", "Each verdict is computed from this run's stage results by the rule in "
              "`claims.csv` (thresholds: `memloc.reproduce.claims`).", "",
              "| paper | claim | measured here | paper | verdict |", "| --- | --- | --- | --- | --- |"]
+    def cell(text: str) -> str:  # a "|" inside a cell (|grad|) would split it
+        return str(text).replace("|", "\\|")
+
     for r in ledger.itertuples():
-        verdict = f"**{r.verdict}**" + (f" ({r.reason})" if r.reason else "")
-        lines.append(f"| {r.paper.split(' ')[0]} | {r.claim} | {r.statistic or '—'} | {r.paper_value} | {verdict} |")
+        verdict = f"**{r.verdict}**" + (f" ({cell(r.reason)})" if r.reason else "")
+        lines.append(f"| {r.paper.split(' ')[0]} | {cell(r.claim)} | {cell(r.statistic) if r.statistic else '—'} | "
+                     f"{cell(r.paper_value)} | {verdict} |")
     return lines + [""]
 
 
