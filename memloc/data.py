@@ -236,19 +236,27 @@ PROFILES = {
 }
 
 
-def bundled_profile(model: Any) -> BundledProfile | None:
+def bundled_profile(model: Any, *, required: str | None = None) -> BundledProfile | None:
     """The bundled profile whose token ids ``model`` reads, chosen by its vocabulary size
     (``model.cfg.d_vocab``): 4096 is the embedded model, 50257/50304 GPT-2's vocabulary (GPT-Neo
     125M).  None for any other vocabulary: no bundled paragraphs or tuned settings fit it.
 
     Every place that picks the embedded model's tuned settings, paragraph set, corpus counts or
     held-out text asks this function (``memloc reproduce``, :func:`memloc.benchmarks.del_benchmark`).
+
+    Args:
+        required: if given, raise ValueError instead of returning None, ending with this hint
+            (e.g. ``"pass --paragraphs"``).
     """
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "d_vocab"):
         raise ValueError(f"model must be a TransformerLens model with cfg.d_vocab, got {type(model).__name__}")
     vocab = int(cfg.d_vocab)
-    return next((p for p in PROFILES.values() if vocab in p.vocab_sizes), None)
+    profile = next((p for p in PROFILES.values() if vocab in p.vocab_sizes), None)
+    if profile is None and required is not None:
+        raise ValueError(f"no bundled paragraph set matches a vocabulary of {vocab} tokens (the embedded model has "
+                         f"4096, GPT-2/GPT-Neo 50257); {required}")
+    return profile
 
 
 def concat_paragraph_sets(names: Sequence[str]) -> ParagraphSet:
@@ -280,10 +288,7 @@ def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
     Raises:
         ValueError: for other vocabularies (pass ``paragraphs=`` to :func:`memloc.reproduce.reproduce`).
     """
-    profile = bundled_profile(model)
-    if profile is None:
-        raise ValueError(f"no bundled paragraph set matches a vocabulary of {int(model.cfg.d_vocab)} tokens (the "
-                         "embedded model has 4096, GPT-2/GPT-Neo 50257); pass paragraphs= (a memloc.data.ParagraphSet)")
+    profile = bundled_profile(model, required="pass paragraphs= (a memloc.data.ParagraphSet)")
     return concat_paragraph_sets(profile.paragraph_sets), profile.non_memorized_max_em, profile.note
 
 

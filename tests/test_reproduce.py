@@ -405,3 +405,26 @@ def test_claims_ledger_opens_the_report(tiny_run):
     p = pd.read_csv(out / "perturbation_by_position.csv").groupby("group")["mean"].mean()
     assert abs(by_id.loc["perturbation_robust", "value"] - p["memorized"] / p["non-memorized"]) < 1e-4
     pd.testing.assert_frame_equal(res.claims.drop(columns="value"), ledger.drop(columns="value"), check_dtype=False)
+
+
+def test_bundled_profile_is_the_one_answer(tiny):
+    """Issue 13 §1: one function says which bundled profile a model is; every choice of tuned
+    settings, paragraph set, corpus counts and held-out text goes through it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from memloc.data import PROFILES, bundled_profile
+
+    assert bundled_profile(tiny) is PROFILES["tiny"]
+    assert bundled_profile(SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257))) is PROFILES["gpt-neo-125m"]
+    smol = SimpleNamespace(cfg=SimpleNamespace(d_vocab=49152))
+    assert bundled_profile(smol) is None
+    with pytest.raises(ValueError, match="49152 tokens.*pass --paragraphs"):
+        bundled_profile(smol, required="pass --paragraphs")
+    with pytest.raises(ValueError, match="model must be"):
+        bundled_profile(object())
+    # no module decides by the vocabulary size itself any more
+    root = Path(__file__).resolve().parents[1] / "memloc"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "data.py"
+                 and re.search(r"d_vocab\)?\s*(==|in)\s*\(?(4096|50257)", p.read_text())]
+    assert offenders == []

@@ -46,11 +46,7 @@ def run(args) -> int:
     if name is None:  # the model's bundled profile (memloc.data.bundled_profile) picks the set
         from ..data import bundled_profile
 
-        profile = bundled_profile(model)
-        if profile is None:
-            raise ValueError(f"no bundled paragraph set fits this model's vocabulary ({int(model.cfg.d_vocab)} "
-                             "tokens); pass --paragraphs")
-        name = profile.paragraph_sets[0]
+        name = bundled_profile(model, required="pass --paragraphs").paragraph_sets[0]
     df = compute(model, name, args.batch_size)
     summary = summarize(args.model, name, df)
     write_json({"summary": summary, "rows": df.to_dict(orient="records")}, args.json)
