@@ -1,5 +1,7 @@
 # Set up and run everything on a fresh machine:
-#   make demo   -- create .venv, install memloc, run the main job on the embedded model
+#   make demo   -- create .venv, install memloc, run the main job on the embedded model (into memloc-demo/,
+#                  git-ignored: the demo leaves `git status` clean)
+#   make gallery -- regenerate the committed gallery figures/ (default sizes; commit the result)
 #   make test   -- create .venv, install memloc with dev extras, run the whole test suite
 #   make notebooks -- open the walk-through notebooks (notebooks/) in JupyterLab
 PY ?= python3
@@ -23,11 +25,14 @@ browser:
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	    echo "warning: could not install chromium; PNG export will fail (HTML figures still work)"; }
 
-.PHONY: install demo test notebooks
+.PHONY: install demo gallery test notebooks
 install: $(VENV)/.installed browser
 
 demo: install
 	$(BIN)/memloc demo
+
+gallery: install
+	$(BIN)/memloc reproduce --model tiny --out figures --timings memloc-out/gallery_timings.json
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from ._checks import check_choice
 
 __all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts",
            "random_sequences", "tuned_hyperparameters", "tuning_dev_ids",
-           "PARAGRAPH_SETS"]
+           "PARAGRAPH_SETS", "BundledProfile", "PROFILES", "bundled_profile", "default_paragraphs", "select_groups",
+           "subset_evenly", "concat_paragraph_sets"]
 
 _ASSETS = Path(str(resources.files("memloc") / "assets"))
 PARAGRAPH_SETS = ("tiny", "gpt-neo-125m", "gpt-neo-125m-em30-49", "gpt-neo-125m-em11-29",
@@ -206,3 +207,115 @@ def tokenize_texts(model: Any, texts: list[str], *, max_len: int | None = None, 
             raise ValueError(f"texts[{i}] has {len(ids)} tokens; at least {min_len} are needed")
         out.append(torch.tensor(ids, dtype=torch.long))
     return out
+
+
+# ------------------------------------------------------------------------------------ bundled profiles
+
+@dataclass(frozen=True)
+class BundledProfile:
+    """What memloc ships for one model family: the one answer to "which bundled data fit this model".
+
+    Attributes:
+        name: ``"tiny"`` (the embedded model) or ``"gpt-neo-125m"`` (GPT-2's vocabulary).
+        vocab_sizes: the vocabulary sizes that select it.
+        paragraph_sets: the bundled paragraph sets (:data:`PARAGRAPH_SETS`) of its pool, in order.
+        non_memorized_max_em: the NMP threshold on that pool (Stoehr et al.: EM <= 10).
+        note: one line for reports saying what the pool is.
+        tuned: whether dev-set-selected hyperparameters ship (:func:`tuned_hyperparameters`).
+        corpus_counts: whether the training corpus's unigram counts ship (:func:`unigram_counts`).
+        random_text: whether held-out text ships (:func:`random_sequences`, DEL's Rand-PPL).
+    """
+
+    name: str
+    vocab_sizes: tuple[int, ...]
+    paragraph_sets: tuple[str, ...]
+    non_memorized_max_em: int
+    note: str
+    tuned: bool = False
+    corpus_counts: bool = False
+    random_text: bool = False
+
+
+#: Every bundled profile by name.
+PROFILES = {
+    "tiny": BundledProfile("tiny", (4096,), ("tiny",), 10,
+                           "embedded paragraph set (600 paragraphs; NMP: EM <= 10)",
+                           tuned=True, corpus_counts=True, random_text=True),
+    "gpt-neo-125m": BundledProfile(
+        "gpt-neo-125m", (50257, 50304), ("gpt-neo-125m", "gpt-neo-125m-em30-49", "gpt-neo-125m-em11-29"), 29,
+        "GPT-Neo-125M paragraph sets of Stoehr et al. (EM 50, 30-49, 11-29 as measured on the original model); "
+        "no EM <= 10 set is bundled, so NMP = measured EM <= 29"),
+}
+
+
+def bundled_profile(model: Any, *, required: str | None = None) -> BundledProfile | None:
+    """The bundled profile whose token ids ``model`` reads, chosen by its vocabulary size
+    (``model.cfg.d_vocab``): 4096 is the embedded model, 50257/50304 GPT-2's vocabulary (GPT-Neo
+    125M).  None for any other vocabulary: no bundled paragraphs or tuned settings fit it.
+
+    Every place that picks the embedded model's tuned settings, paragraph set, corpus counts or
+    held-out text asks this function (``memloc reproduce``, :func:`memloc.benchmarks.del_benchmark`).
+
+    Args:
+        required: if given, raise ValueError instead of returning None, ending with this hint
+            (e.g. ``"pass --paragraphs"``).
+    """
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "d_vocab"):
+        raise ValueError(f"model must be a TransformerLens model with cfg.d_vocab, got {type(model).__name__}")
+    vocab = int(cfg.d_vocab)
+    profile = next((p for p in PROFILES.values() if vocab in p.vocab_sizes), None)
+    if profile is None and required is not None:
+        raise ValueError(f"no bundled paragraph set matches a vocabulary of {vocab} tokens (the embedded model has "
+                         f"4096, GPT-2/GPT-Neo 50257); {required}")
+    return profile
+
+
+def concat_paragraph_sets(names: Sequence[str]) -> ParagraphSet:
+    """Bundled sets concatenated: a ``set`` column names each row's source set, ``set_id`` its id
+    there, and ``id`` runs 0..n-1."""
+    sets = [load_paragraphs(n) for n in names]
+    if len(sets) == 1:
+        return sets[0]
+    tables = []
+    for ps in sets:
+        t = ps.table.copy()
+        t.insert(0, "set", ps.name)
+        tables.append(t)
+    table = pd.concat(tables, ignore_index=True)
+    table["set_id"] = table["id"]
+    table["id"] = np.arange(len(table))
+    return ParagraphSet("+".join(names), torch.cat([ps.tokens for ps in sets]), sets[0].prefix_len, table,
+                        sets[0].tokenizer)
+
+
+def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
+    """The bundled paragraphs for ``model`` (:func:`bundled_profile`).
+
+    Returns ``(paragraphs, non_memorized_max_em, note)``: the embedded model's set (vocabulary
+    4096; NMP = EM <= 10) or, for GPT-2-vocabulary models such as GPT-Neo 125M (50257), the
+    three GPT-Neo sets EM = 50, 30-49 and 11-29 concatenated (NMP = measured EM <= 29, as no
+    EM <= 10 set is bundled).
+
+    Raises:
+        ValueError: for other vocabularies (pass ``paragraphs=`` to :func:`memloc.reproduce.reproduce`).
+    """
+    profile = bundled_profile(model, required="pass paragraphs= (a memloc.data.ParagraphSet)")
+    return concat_paragraph_sets(profile.paragraph_sets), profile.non_memorized_max_em, profile.note
+
+
+def subset_evenly(n: int, k: int | None) -> np.ndarray:
+    """Indices of ``k`` evenly spaced items of ``n`` (all of them if ``k`` is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+def select_groups(df: pd.DataFrame, n_mp: int, n_nmp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of up to ``n_mp`` memorized and ``n_nmp`` non-memorized paragraphs of a
+    memorization table with a ``split`` column (evenly spaced over each group, deterministic)."""
+    if not isinstance(df, pd.DataFrame) or "split" not in df:
+        raise ValueError("df must be a DataFrame with a 'split' column (memloc.split_memorization)")
+    mp = np.flatnonzero((df["split"] == "memorized").to_numpy())
+    nmp = np.flatnonzero((df["split"] == "non-memorized").to_numpy())
+    return mp[subset_evenly(len(mp), n_mp)], nmp[subset_evenly(len(nmp), n_nmp)]

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import memloc
 from memloc import plots
-from memloc.reproduce import default_paragraphs, select_groups
+from memloc.data import default_paragraphs, select_groups
 
 model = memloc.load_model(MODEL)
 ps, NMP_MAX_EM, note = default_paragraphs(model)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from memloc import cli
-from memloc.reproduce import QUICK, STAGES, Settings, default_paragraphs, reproduce, select_groups
+from memloc.data import default_paragraphs, select_groups
+from memloc.reproduce import QUICK, STAGES, Settings, reproduce
 
 # even smaller than --quick: the test budget is about a minute on 2 cores
 TINY_SETTINGS = dataclasses.replace(
@@ -185,6 +186,7 @@ def test_bad_input_fails_before_work(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce_cmd, "run", lambda ns: seen.setdefault("ns", ns) and 0)
     assert demo.run(args) == 0
     assert seen["ns"].model == "tiny" and seen["ns"].out == str(tmp_path / "g") and seen["ns"].quick
+    assert cli.build_parser().parse_args(["demo"]).out == "memloc-demo"
 
 
 def test_select_groups_and_default_paragraphs(tiny):
@@ -255,3 +257,174 @@ def test_del_leaves_out_the_tuning_dev_set(tiny, tmp_path, monkeypatch):
     reproduce(tiny, tmp_path / "b", settings=settings, cache_dir=None, png=False, progress_bar=False,
               stages=["memorization", "del"])
     assert set(pd.read_csv(tmp_path / "b" / "del_confusion.csv")["seq_id"]) == ids - set(dev)
+
+
+def test_rerun_writes_the_same_bytes(tiny, tiny_run, tmp_path):
+    """Issue 12 finding 1: rerunning rewrote the tracked gallery (float digits, stage times in the
+    report).  A cached rerun and an uncached recompute write byte-identical CSVs and REPORT.md;
+    stage times go to timings.json only."""
+    import json
+
+    res, out, cache = tiny_run
+    reproduce(tiny, tmp_path / "again", settings=TINY_SETTINGS, cache_dir=cache, model_name="tiny", png=False,
+              progress_bar=False)
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".md"))
+    assert "REPORT.md" in written and len(written) > 10
+    assert written == sorted(p.name for p in (tmp_path / "again").iterdir() if p.suffix in (".csv", ".md"))
+    for name in written:
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    timings = json.loads((tmp_path / "again" / "timings.json").read_text())
+    assert set(timings["seconds"]) == set(STAGES)
+    assert not re.search(r"\d s\b|seconds", (out / "REPORT.md").read_text())
+    # recomputed without the cache, the cheap stages write the same bytes
+    reproduce(tiny, tmp_path / "fresh", settings=TINY_SETTINGS, cache_dir=None, model_name="tiny", png=False,
+              progress_bar=False, stages=["perturbation", "gradients"], timings_path=tmp_path / "t.json")
+    assert (tmp_path / "t.json").exists() and not (tmp_path / "fresh" / "timings.json").exists()
+    for name in ("memorization.csv", "perturbation_profile.csv", "perturbation_by_position.csv", "pmps.csv",
+                 "param_gradients_mp_vs_nmp.csv", "param_gradients_em_bins.csv", "attention_vs_mlp_totals.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_demo_writes_outside_the_tracked_tree():
+    """Issue 12 finding 1: `make demo` must leave `git status` clean: its default output directory
+    (and the gallery's timings file) are git-ignored and untracked; only `make gallery` writes figures/."""
+    import subprocess
+    from pathlib import Path
+
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.out != "figures" and cli.build_parser().parse_args(["reproduce"]).out != "figures"
+    repo = Path(__file__).resolve().parents[1]
+    makefile = (repo / "Makefile").read_text()
+    demo_recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "figures" not in demo_recipe
+    assert "--out figures" in re.search(r"^gallery:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (f"{args.out}/REPORT.md", f"{args.out}/memorization.csv", "memloc-out/REPORT.md",
+                 "figures/timings.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, path
+    tracked = subprocess.run(["git", "ls-files", args.out, "memloc-out"], cwd=repo, capture_output=True,
+                             text=True).stdout
+    assert tracked == ""
+
+
+def test_console_line_per_stage_with_an_estimate(tiny, tmp_path, caplog):
+    """Issue 12 finding 2: one line per stage, `[i/n] stage … 10 s`, with what is left."""
+    import logging
+
+    from memloc.reproduce import StageClock, fmt_duration
+
+    assert (fmt_duration(9.6), fmt_duration(185)) == ("10 s", "3 min 05 s")
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        clock = StageClock(["a", "b", "c"], expected={"a": 10, "b": 30, "c": 10})
+        clock.end("a", 5.0)  # half the typical time: the 40 s left are scaled to 20 s
+        clock.end("b", 0.0, "skipped: why")
+        clock.end("c", 2.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[1] == "[1/3] a … 5 s (about 20 s left)"
+    assert lines[2].startswith("[2/3] b … 0 s, skipped: why (about ")
+    assert lines[3].startswith("[3/3] c … 2 s (done in ")
+    caplog.clear()
+    settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=12)
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        reproduce(tiny, tmp_path, settings=settings, cache_dir=None, png=False, progress_bar=False,
+                  stages=["memorization", "patching"])
+    done = [r.getMessage() for r in caplog.records if re.match(r"\[\d/\d\] \w+ … \d+ s", r.getMessage())]
+    # patching requires the PMPs of the perturbation stage, which the runner adds
+    assert [d.split(" … ")[0] for d in done] == ["[1/3] memorization", "[2/3] perturbation", "[3/3] patching"]
+
+
+@pytest.mark.slow
+def test_quiet_flag_silences_the_stage_lines(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "memloc.cli", "{q}", "reproduce", "--out", str(tmp_path / "o"), "--no-cache",
+           "--no-png", "--quick", "--max-paragraphs", "8", "--stages", "memorization"]
+    loud = subprocess.run([c for c in cmd if c != "{q}"], cwd=repo, env=env, capture_output=True, text=True)
+    quiet = subprocess.run([c.replace("{q}", "-q") for c in cmd], cwd=repo, env=env, capture_output=True, text=True)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "[1/1] memorization … " in loud.stderr and "[1/1]" not in quiet.stderr
+
+
+def test_unknown_tokenizer_skips_paragraph_stages_with_a_reason(tmp_path, unchanged):
+    """A model whose vocabulary matches no bundled paragraph set (e.g. SmolLM2's 49,152) gets no
+    crash: the paragraph stages are skipped with the reason, the claims are `not applicable`."""
+    from memloc.data import bundled_profile
+    from memloc.models import load_model
+    from tests.factories import build_random_model
+
+    model = load_model(build_random_model("llama", tmp_path / "llama"))
+    assert bundled_profile(model) is None
+    with pytest.raises(ValueError, match="no bundled paragraph set"):
+        default_paragraphs(model)
+    with unchanged(model):
+        res = reproduce(model, tmp_path / "out", cache_dir=tmp_path / "cache", png=False, progress_bar=False,
+                        stages=["rare_tokens", "patching"])
+    assert "no bundled paragraph set fits this model's vocabulary (512 tokens)" in res.skipped["memorization"]
+    for stage in ("perturbation", "head", "rare_tokens", "patching"):
+        assert res.skipped[stage].startswith("needs the memorization stage, which was skipped"), stage
+    assert res.skipped["inj"] == "not requested (--stages)"
+    assert set(res.claims["verdict"]) == {"not applicable"}
+    report = res.report.read_text()
+    assert "## Claims ledger" in report and "pass paragraphs=" in report
+
+
+def test_claims_ledger_opens_the_report(tiny_run):
+    """Issue 13 §2: REPORT.md opens with the claims ledger (also claims.csv); every claim is there,
+    its numbers are those of the written tables, and a claim whose stages ran is not `not applicable`
+    unless it says why."""
+    from memloc.reproduce.claims import CLAIMS, DOES_NOT_HOLD, HOLDS, NOT_APPLICABLE
+
+    res, out, _ = tiny_run
+    ledger = pd.read_csv(out / "claims.csv")
+    ledger[["statistic", "reason"]] = ledger[["statistic", "reason"]].fillna("")
+    assert list(ledger["id"]) == [c.id for c in CLAIMS]
+    assert set(ledger["verdict"]) <= {HOLDS, DOES_NOT_HOLD, NOT_APPLICABLE}
+    report = (out / "REPORT.md").read_text()
+    assert report.index("## Claims ledger") < report.index("## Headline") < report.index("## Memorized")
+    for row in ledger.itertuples():
+        assert f"| {row.claim} |" in report
+        assert (row.verdict == NOT_APPLICABLE) == bool(row.reason), row.id
+    by_id = ledger.set_index("id")
+    # TINY_SETTINGS has IG, ACTIVATIONS and RANDOM: the ranking and the RANDOM baselines are testable
+    for claim in ("perturbation_robust", "lower_layer_gradients", "top_contrastive_low_wv",
+                  "head_attends_rare_tokens", "sparse_unlearning_beats_random", "inj_above_random", "inj_ranking"):
+        assert by_id.loc[claim, "verdict"] != NOT_APPLICABLE, (claim, by_id.loc[claim, "reason"])
+    # the lower-layer share difference is the one of the written gradient table (layers 0-1 of 4)
+    g = pd.read_csv(out / "param_gradients_mp_vs_nmp.csv")
+    lay = g.groupby(["group", "layer"])["value"].sum().unstack("layer")
+    low = (lay[[0, 1]].sum(axis=1) / lay.sum(axis=1))
+    assert abs(by_id.loc["lower_layer_gradients", "value"] - (low["MP"] - low["NMP"])) < 1e-4
+    assert (by_id.loc["lower_layer_gradients", "verdict"] == HOLDS) == (low["MP"] - low["NMP"] >= 0.02)
+    # the perturbation ratio is the one of the written per-position table
+    p = pd.read_csv(out / "perturbation_by_position.csv").groupby("group")["mean"].mean()
+    assert abs(by_id.loc["perturbation_robust", "value"] - p["memorized"] / p["non-memorized"]) < 1e-4
+    pd.testing.assert_frame_equal(res.claims.drop(columns="value"), ledger.drop(columns="value"), check_dtype=False)
+
+
+def test_bundled_profile_is_the_one_answer(tiny):
+    """Issue 13 §1: one function says which bundled profile a model is; every choice of tuned
+    settings, paragraph set, corpus counts and held-out text goes through it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from memloc.data import PROFILES, bundled_profile
+
+    assert bundled_profile(tiny) is PROFILES["tiny"]
+    assert bundled_profile(SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257))) is PROFILES["gpt-neo-125m"]
+    smol = SimpleNamespace(cfg=SimpleNamespace(d_vocab=49152))
+    assert bundled_profile(smol) is None
+    with pytest.raises(ValueError, match="49152 tokens.*pass --paragraphs"):
+        bundled_profile(smol, required="pass --paragraphs")
+    with pytest.raises(ValueError, match="model must be"):
+        bundled_profile(object())
+    # no module decides by the vocabulary size itself any more
+    root = Path(__file__).resolve().parents[1] / "memloc"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "data.py"
+                 and re.search(r"d_vocab\)?\s*(==|in)\s*\(?(4096|50257)", p.read_text())]
+    assert offenders == []

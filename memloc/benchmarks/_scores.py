@@ -3,12 +3,12 @@
 A localization method is a callable ``(model, tokens [1, seq], prefix_len, **hyperparameters)
 -> Float[Tensor, "layer neuron"]`` (see :mod:`memloc.localize`).  Attribution scores can take
 minutes per sequence (HARD CONCRETE, IG, ZERO-OUT), so :func:`localize_cached` stores them as
-safetensors keyed by (model fingerprint, method, hyperparameters, sequence, prefix length).
+safetensors keyed by (model fingerprint, method, hyperparameters, sequence, prefix length) in the
+one content-addressed cache of :mod:`memloc.cache` (``model_fingerprint`` is re-exported from there).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -17,8 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ..cache import ContentCache, digest, model_fingerprint
+from ..cache import tensor_bytes as _tensor_bytes  # noqa: F401  (the old private name)
 
 logger = logging.getLogger(__name__)
 
@@ -166,34 +168,17 @@ def with_sequence_seed(fn: Callable, kwargs: Mapping, index: int) -> dict:
     return with_defaults(fn, kwargs, seed=int(index))
 
 
-def _tensor_bytes(t: Tensor):
-    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
-
-
-def model_fingerprint(model: Any) -> str:
-    """Hash of every parameter's name, dtype, shape and bytes: two models share it iff their weights
-    are identical (used as the score-cache key; an injected model gets its own)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
-        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
-        h.update(_tensor_bytes(p))
-    return h.hexdigest()
-
-
 def _kwargs_json(kwargs: Mapping) -> str:
     return json.dumps(dict(kwargs), sort_keys=True, default=repr)
 
 
 def score_cache_path(cache_dir: str | Path, fingerprint: str, method: str, kwargs: Mapping,
                      tokens: Int[Tensor, "1 seq"], prefix_len: int) -> Path:
-    """Where the scores of one (model, method, hyperparameters, sequence, prefix) live."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (fingerprint, method, _kwargs_json(kwargs), str(int(prefix_len)), str(tuple(tokens.shape))):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(_tensor_bytes(tokens.long()))
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in method)
-    return Path(cache_dir) / safe / f"{h.hexdigest()}.safetensors"
+    """Where the scores of one (model, method, hyperparameters, sequence, prefix) live:
+    ``cache_dir/<method>/<digest>.safetensors`` in the one content-addressed cache
+    (:class:`memloc.cache.ContentCache`)."""
+    key = digest(fingerprint, method, _kwargs_json(kwargs), str(int(prefix_len)), tokens.long())
+    return ContentCache(cache_dir).path(method.replace("/", "_"), key, ".safetensors")
 
 
 def _check_scores(scores: Any, method: str, model: Any) -> Tensor:
@@ -222,23 +207,11 @@ def localize_cached(model: Any, method: str, fn: Callable, tokens: Int[Tensor, "
         fingerprint = fingerprint or model_fingerprint(model)
         path = score_cache_path(cache_dir, fingerprint, method, kwargs, tokens, prefix_len)
         meta = {"fingerprint": fingerprint, "method": method, "kwargs": _kwargs_json(kwargs),
-                "prefix_len": str(int(prefix_len)),
-                "tokens": hashlib.blake2b(_tensor_bytes(tokens.long()), digest_size=16).hexdigest()}
-        if path.exists():
-            try:
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    stored = f.metadata() or {}
-                if stored == meta:
-                    return load_file(str(path))["scores"]
-                logger.warning("score cache %s holds other metadata; recomputing", path)
-            except Exception as exc:  # a truncated or foreign file: recompute and overwrite
-                logger.warning("could not read score cache %s (%s); recomputing", path, exc)
+                "prefix_len": str(int(prefix_len)), "tokens": digest(tokens.long())}
+        stored = ContentCache.load_tensors(path, meta)
+        if stored is not None and "scores" in stored:
+            return stored["scores"]
     scores = _check_scores(fn(model, tokens, prefix_len, **kwargs), method, model).detach().float().cpu()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"scores": scores.contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        ContentCache.save_tensors(path, {"scores": scores}, meta)
     return scores

@@ -517,10 +517,11 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         targets = targets[:check_positive_int(n_targets, "n_targets")]
     if random_tokens is None:
         try:
-            from ..data import random_sequences
+            from ..data import bundled_profile, random_sequences
 
-            if int(model.cfg.d_vocab) == 4096:  # the embedded model's vocabulary
-                random_tokens = random_sequences("tiny")[:n_random]
+            profile = bundled_profile(model)  # the embedded model ships held-out text
+            if profile is not None and profile.random_text:
+                random_tokens = random_sequences(profile.name)[:n_random]
         except ValueError:
             random_tokens = None
     if random_tokens is not None:

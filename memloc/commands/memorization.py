@@ -55,7 +55,11 @@ def run(args) -> int:
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
     model = load_model(args.model, device=args.device)
-    name = args.paragraphs or ("tiny" if args.model == "tiny" else "gpt-neo-125m")
+    name = args.paragraphs
+    if name is None:  # the model's bundled profile (memloc.data.bundled_profile) picks the set
+        from ..data import bundled_profile
+
+        name = bundled_profile(model, required="pass --paragraphs").paragraph_sets[0]
     df = compute(model, name, args.batch_size)
     summary = summarize(args.model, name, df)
     write_json({"summary": summary, "rows": df.to_dict(orient="records")}, args.json)

@@ -8,9 +8,12 @@ from . import add_model_arg
 def add_parser(sub) -> None:
     from ..reproduce import STAGES
 
-    p = sub.add_parser("reproduce", help="reproduce the papers' figures and tables on a model (figures/, REPORT.md)")
+    p = sub.add_parser("reproduce", help="reproduce the papers' figures and tables on a model (figures, CSVs, REPORT.md)")
     add_model_arg(p)
-    p.add_argument("--out", default="figures", help="output directory (default: figures)")
+    p.add_argument("--out", default="memloc-out",
+                   help="output directory (default: memloc-out; `make gallery` writes the committed figures/)")
+    p.add_argument("--timings", default=None, metavar="PATH",
+                   help="where stage times are written as JSON (default: OUT/timings.json; REPORT.md holds none)")
     p.add_argument("--quick", action="store_true", help="small sizes: every stage, a few minutes on CPU")
     p.add_argument("--cache-dir", default=".memloc_cache",
                    help="cache of stage results and attribution scores (default: .memloc_cache)")
@@ -18,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stages", nargs="+", default=None, choices=list(STAGES), metavar="STAGE",
                    help=f"run only these stages (memorization always runs): {', '.join(STAGES)}")
     p.add_argument("--paragraphs", default=None,
-                   help="bundled paragraph set name (default: chosen by the model's vocabulary size)")
+                   help="bundled paragraph set name (default: the model's bundled profile, memloc.data.bundled_profile)")
     p.add_argument("--max-paragraphs", type=int, default=None,
                    help="score at most this many paragraphs in the memorization stage (evenly spaced subset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the forward passes")
@@ -58,12 +61,17 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)
-    res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
-                    cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
-                    model_name=args.model)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # stage lines print above the progress bars
+        res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
+                        cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
+                        model_name=args.model, timings_path=getattr(args, "timings", None))
     for stage, finding in res.findings.items():
         print(f"[{stage}] {finding}")
     for stage, why in res.skipped.items():
         print(f"[{stage}] skipped: {why}")
+    for row in res.claims.itertuples():
+        print(f"[claim] {row.id}: {row.verdict}" + (f" — {row.statistic}" if row.statistic else f" ({row.reason})"))
     print(f"report: {res.report}  ({time.perf_counter() - t0:.0f} s in total)")
     return 0

@@ -1,0 +1,170 @@
+"""A small generic runner of declared stages: requires/uses, skip with a reason, timing, cache.
+
+A :class:`Stage` declares what it needs; the runner adds the stages it needs to the requested
+ones, runs them in pipeline order, skips a stage (with the reason) when a required stage was
+skipped or its own rule says so, reads its result from the content-addressed cache or computes
+it, lets it render its figures and tables and state its finding, and times it.
+
+A stage's cache address (:func:`stage_key`) is the digest of the model's weights, the run's data
+(paragraph pool, thresholds, frequencies, tuning), the settings fields the stage declares, the
+source of its ``compute`` function with memloc's version, and the addresses of the results it
+was given, so an upstream change reaches every stage downstream of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from ..cache import code_version, digest
+from ._format import fmt_duration
+from .context import RunContext
+from .settings import STAGES
+
+logger = logging.getLogger("memloc.reproduce")
+
+__all__ = ["Stage", "StageClock", "resolve", "run_stages", "stage_key", "TYPICAL_SECONDS"]
+
+Inputs = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One declared stage.
+
+    Attributes:
+        name, title: its name (one of :data:`STAGES`) and the report's section title.
+        compute: ``(ctx, inputs) -> result`` (the cached part; ``inputs`` maps the names of
+            ``requires`` and of the ``uses`` that ran to their results).
+        render: ``(ctx, result) -> finding``: writes the figures and tables and returns the
+            one-line finding (never cached, so a rerun redraws).
+        requires: stages whose results it cannot run without (skipped if one is skipped).
+        uses: stages whose results it uses when they ran (both are added to a run that asks
+            for this stage, so a stage's result does not depend on which stages were asked for).
+        skip: ``(ctx, inputs) -> reason | None``: its own rule for not running.
+        settings: the :class:`Settings` fields its result depends on (part of its cache address).
+    """
+
+    name: str
+    title: str
+    compute: Callable[[RunContext, Inputs], Any]
+    render: Callable[[RunContext, Any], str]
+    requires: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    skip: Callable[[RunContext, Inputs], str | None] | None = None
+    settings: tuple[str, ...] = ()
+
+
+#: Seconds of each stage in the default run on the embedded model (``make demo``, idle 2-core
+#: machine, README "Gallery"): the shape of the overall estimate, scaled by the stages done so far.
+TYPICAL_SECONDS = {"memorization": 29, "perturbation": 66, "gradients": 10, "contrastive": 14, "finetune": 217,
+                   "head": 5, "rare_tokens": 2, "inj": 130, "del": 265, "patching": 11}
+
+
+class StageClock:
+    """One console line per stage, ``[3/10] gradients … 10 s (about 4 min left)``, on the
+    ``memloc.reproduce`` logger (stderr at INFO via the CLI; ``memloc -q`` silences it).
+
+    The estimate of what is left is the typical stage times (``expected``, default
+    :data:`TYPICAL_SECONDS`) of the stages still to run, scaled by how the stages done so far
+    compared with their typical times.
+    """
+
+    def __init__(self, stages: Sequence[str], expected: Mapping[str, float] | None = None) -> None:
+        self.stages = list(stages)
+        expected = expected or TYPICAL_SECONDS
+        self.expected = {st: float(expected.get(st, TYPICAL_SECONDS.get(st, 10.0))) for st in self.stages}
+        self.spent: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+        logger.info("reproduce: %d stages (%s)", len(self.stages), ", ".join(self.stages))
+
+    def _left(self) -> float:
+        done_expected = sum(self.expected[st] for st in self.spent)
+        scale = sum(self.spent.values()) / done_expected if done_expected > 0 else 1.0
+        return scale * sum(self.expected[st] for st in self.stages if st not in self.spent)
+
+    def begin(self, stage: str) -> None:
+        logger.info("[%d/%d] %s …", self.stages.index(stage) + 1, len(self.stages), stage)
+
+    def end(self, stage: str, seconds: float, note: str = "") -> None:
+        self.spent[stage] = seconds
+        left = self._left()
+        tail = f"about {fmt_duration(left)} left" if left > 0 else f"done in {fmt_duration(time.perf_counter() - self.t0)}"
+        logger.info("[%d/%d] %s … %s%s (%s)", self.stages.index(stage) + 1, len(self.stages), stage,
+                    fmt_duration(seconds), f", {note}" if note else "", tail)
+
+
+def resolve(requested: Sequence[str], registry: Mapping[str, Stage]) -> list[str]:
+    """``requested`` plus every stage they require or use, in pipeline order."""
+    need, todo = set(), list(requested)
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo.extend((*registry[name].requires, *registry[name].uses))
+    return [s for s in STAGES if s in need]
+
+
+def stage_key(ctx: RunContext, stage: Stage, input_keys: Mapping[str, str]) -> str:
+    """The stage's content address (see the module docstring)."""
+    return digest(stage.name, code_version(stage.compute), ctx.fingerprint, ctx.data_key,
+                  {f: getattr(ctx.settings, f) for f in stage.settings}, sorted(input_keys.items()))
+
+
+def _skip_reason(ctx: RunContext, stage: Stage, results: Mapping[str, Any], inputs: Inputs) -> str | None:
+    missing = [d for d in stage.requires if d not in results]
+    if missing:
+        return f"needs the {missing[0]} stage, which was skipped ({ctx.result.skipped.get(missing[0], '')})"
+    return stage.skip(ctx, inputs) if stage.skip is not None else None
+
+
+def _run_one(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[str, str], clock: StageClock) -> None:
+    clock.begin(stage.name)
+    t0 = time.perf_counter()
+    inputs = {d: results[d] for d in (*stage.requires, *stage.uses) if d in results}
+    reason = _skip_reason(ctx, stage, results, inputs)
+    if reason is not None:
+        ctx.result.skipped[stage.name] = reason
+        clock.end(stage.name, time.perf_counter() - t0, f"skipped: {reason}")
+        return
+    key = stage_key(ctx, stage, {d: keys[d] for d in inputs})
+    if ctx.cache is None:
+        value, hit = stage.compute(ctx, inputs), False
+    else:
+        value, hit = ctx.cache.get_or_compute(f"reproduce/{stage.name}", key, lambda: stage.compute(ctx, inputs))
+    results[stage.name], keys[stage.name] = value, key
+    ctx.result.results[stage.name] = value
+    ctx.result.findings[stage.name] = stage.render(ctx, value)
+    seconds = time.perf_counter() - t0
+    ctx.result.timings[stage.name] = seconds
+    if hit:
+        ctx.result.cached.append(stage.name)
+    clock.end(stage.name, seconds, "from the cache" if hit else "")
+
+
+def _timing_record(ctx: RunContext) -> tuple[str, dict[str, float]]:
+    """The stage times of the last uncached run with these settings (the console estimate)."""
+    key = digest("timings", ctx.settings, ctx.data_key, size=8)
+    if ctx.cache is None:
+        return key, {}
+    hit, value = ctx.cache.load("reproduce/timings", key)
+    return key, (value if hit and isinstance(value, dict) else {})
+
+
+def run_stages(ctx: RunContext, requested: Sequence[str], registry: Mapping[str, Stage]) -> None:
+    """Run ``requested`` (and what they need) on ``ctx``; fills ``ctx.result``."""
+    order = resolve(requested, registry)
+    record_key, previous = _timing_record(ctx)
+    clock = StageClock(order, {**TYPICAL_SECONDS, **previous} if previous else None)
+    results: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    for name in order:
+        _run_one(ctx, registry[name], results, keys, clock)
+    for name in STAGES:
+        if name not in order:
+            ctx.result.skipped[name] = "not requested (--stages)"
+    fresh = {s: round(t, 1) for s, t in ctx.result.timings.items() if s not in ctx.result.cached}
+    if ctx.cache is not None and fresh:
+        ctx.cache.save("reproduce/timings", record_key, {**previous, **fresh})
