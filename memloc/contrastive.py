@@ -440,7 +440,7 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: 
                     fraction: float = 0.001, steps: int = 10, lr: float = 1e-3, seed: int = 0,
                     edit_targets: Int[Tensor, "n T_or_seq"] | None = None, n_nmp_per_batch: int | None = None,
                     batch_size: int = 64, eval_every: int = 1, return_state: bool = False,
-                    nonmemorized_continuation: Int[Tensor, "N T"] | None = None,
+                    non_memorized_continuation: Int[Tensor, "N T"] | None = None,
                     em_via: Literal["teacher_forced", "greedy"] = "teacher_forced",
                     progress_bar: bool = True) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, Any]]:
     """Sparse unlearning / editing by fine-tuning on the contrastive objective (Stoehr §5.3, Fig. 5).
@@ -468,7 +468,7 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: 
     (CPU tensors; ``mask`` per eligible parameter, ``delta`` per parameter, zero outside the
     mask); the model itself is still restored, and ``.grad`` of every parameter is as before.
 
-    Speed: ``nonmemorized_continuation`` [N, T] is the model's greedy continuation of the NMP
+    Speed: ``non_memorized_continuation`` [N, T] is the model's greedy continuation of the NMP
     prefixes at θ₀ (the NMPs' EM reference); pass it when fine-tuning several variants on the same
     NMPs (e.g. :func:`memloc.metrics.greedy_continuation` once) to skip decoding it per call.
     ``em_via="teacher_forced"`` (default) reads every EM off the teacher-forced pass that gives
@@ -493,18 +493,18 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: 
     check_positive_int(eval_every, "eval_every")
     check_choice(em_via, "em_via", ("teacher_forced", "greedy"))
     T = nmp.shape[1] - prefix_len
-    if nonmemorized_continuation is not None:
-        if (not isinstance(nonmemorized_continuation, Tensor) or nonmemorized_continuation.dtype.is_floating_point
-                or tuple(nonmemorized_continuation.shape) != (len(nmp), T)):
-            raise ValueError(f"nonmemorized_continuation must be an integer tensor [{len(nmp)}, {T}] (the greedy "
+    if non_memorized_continuation is not None:
+        if (not isinstance(non_memorized_continuation, Tensor) or non_memorized_continuation.dtype.is_floating_point
+                or tuple(non_memorized_continuation.shape) != (len(nmp), T)):
+            raise ValueError(f"non_memorized_continuation must be an integer tensor [{len(nmp)}, {T}] (the greedy "
                              "continuation of the NMP prefixes), got "
-                             f"{tuple(getattr(nonmemorized_continuation, 'shape', ())) or type(nonmemorized_continuation).__name__}")
+                             f"{tuple(getattr(non_memorized_continuation, 'shape', ())) or type(non_memorized_continuation).__name__}")
 
     saved_grads = {n: q.grad for n, q in model.named_parameters()}
     try:
         df, state = _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, steps, lr, seed,
                                      edit_seq, n_nmp_per_batch, batch_size, eval_every, return_state,
-                                     progress_bar, nonmemorized_continuation, em_via)
+                                     progress_bar, non_memorized_continuation, em_via)
     finally:
         for n, q in model.named_parameters():
             q.grad = saved_grads.get(n)

@@ -395,7 +395,7 @@ def test_sparse_finetune_teacher_forced_em_equals_greedy(tiny, tiny_paragraphs, 
                 nll = fast[fast.split == "memorized"].groupby("step").edit_nll.mean()
                 assert nll.nunique() == 3                                         # the weights moved every step
         ref = greedy_continuation(tiny, nmp, 50)
-        pre = sparse_finetune(tiny, mp, nmp, 50, mask="top", nonmemorized_continuation=ref, **kw)
+        pre = sparse_finetune(tiny, mp, nmp, 50, mask="top", non_memorized_continuation=ref, **kw)
     pd.testing.assert_frame_equal(pre, sparse_finetune(tiny, mp, nmp, 50, mask="top", **kw))
     # the partial forwards (blocks re-run from the fixed embedding output) vs full forwards
     import memloc.localize._common as C
@@ -411,7 +411,7 @@ def test_sparse_finetune_teacher_forced_em_equals_greedy(tiny, tiny_paragraphs, 
         C.partial_forward = real
     assert len(calls) == 2                                                   # training and evaluation
     pd.testing.assert_frame_equal(part, full, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="nonmemorized_continuation"):
-        sparse_finetune(tiny, mp, nmp, 50, nonmemorized_continuation=ref[:, :3], **kw)
+    with pytest.raises(ValueError, match="non_memorized_continuation"):
+        sparse_finetune(tiny, mp, nmp, 50, non_memorized_continuation=ref[:, :3], **kw)
     with pytest.raises(ValueError, match="em_via"):
         sparse_finetune(tiny, mp, nmp, 50, em_via="bogus", **kw)

@@ -66,11 +66,11 @@ def compute(ctx: RunContext, inputs: Inputs) -> HeadResult:
     evidence = ["activation", "rare"] + (["contrastive"] if contrastive is not None else [])
     heads = find_memorization_heads(ctx.model, a, b, p, frequencies=ctx.frequencies, evidence=evidence,
                                     contrastive=contrastive, activation_memorized=a_mp,
-                                    activation_nonmemorized=a_nmp, batch_size=s.batch_size,
+                                    activation_non_memorized=a_nmp, batch_size=s.batch_size,
                                     progress_bar=ctx.progress_bar)
     layer = int(heads.iloc[0].layer)
     grads = a_mp[(a_mp.paragraph == 0) & (a_mp.layer == layer) & (a_mp.position < p)]
-    att = first_token_attention(ctx.model, a[:1], p, layer=layer, progress_bar=False)[0]
+    att = first_token_attention(ctx.model, a[:1], p, layers=layer, progress_bar=False)[0]
     gmat = grads.pivot_table(index="head", columns="position", values="value").to_numpy()
     return HeadResult(heads, evidence, stand_in, gmat, np.asarray(att), a[0, :p].cpu())
 
