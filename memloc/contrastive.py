@@ -34,7 +34,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -42,7 +41,7 @@ from ._checks import check_choice, check_fraction, check_positive_int, check_pre
 from ._progress import progress
 from .borrow import borrowed
 from .gradients import parameter_components
-from .metrics import em_from_generations, greedy_continuation, teacher_forced
+from .metrics import em_from_generations, greedy_continuation, suffix_nll, teacher_forced
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +133,6 @@ def reference_logits(model: Any, non_memorized: Int[Tensor, "N seq"], prefix_len
     return torch.cat(out).detach()
 
 
-def _mean_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean()
-
-
 def _mean_kl(logits: Tensor, ref: Tensor) -> Tensor:
     """Mean over (paragraph, position) of KL(p_θ ‖ p_θ₀), summed over the vocabulary."""
     logp = logits.log_softmax(-1)
@@ -174,7 +169,7 @@ def contrastive_loss(model: Any, memorized: Int[Tensor, "n seq"], prefix_len: in
                              f"(from memloc.contrastive.reference_logits), got "
                              f"{tuple(getattr(reference_logits, 'shape', ())) or type(reference_logits).__name__}")
     target = mp if objective == "unlearn" else edit_seq
-    nll = _mean_nll(continuation_logits(model, target, prefix_len), target[:, prefix_len:])
+    nll = suffix_nll(continuation_logits(model, target, prefix_len), target[:, prefix_len:]).mean()
     ref = (reference_logits.to(nmp.device) if reference_logits is not None
            else _reference(model, nmp, prefix_len))
     kl = _mean_kl(continuation_logits(model, nmp, prefix_len), ref)

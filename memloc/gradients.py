@@ -39,13 +39,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ._checks import check_choice, check_positive_int, check_tokens
 from ._progress import progress
 from .borrow import borrowed
+from .metrics import suffix_nll
 
 __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
            "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
@@ -224,9 +224,9 @@ def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[Para
 
 def continuation_loss(logits: Float[Tensor, "batch seq vocab"], tokens: Int[Tensor, "batch seq"],
                       prefix_len: int) -> Float[Tensor, "batch"]:
-    """Per-paragraph mean NLL of the continuation ``tokens[:, prefix_len:]`` (Stoehr §3.2 L_NLL, N = 1)."""
-    pred = logits[:, prefix_len - 1:-1].float()
-    return F.cross_entropy(pred.transpose(1, 2), tokens[:, prefix_len:], reduction="none").mean(1)
+    """Per-paragraph mean NLL of the continuation ``tokens[:, prefix_len:]`` (Stoehr §3.2 L_NLL, N = 1)
+    from a full forward's logits: :func:`memloc.metrics.suffix_nll` at the suffix positions."""
+    return suffix_nll(logits[:, prefix_len - 1:-1], tokens[:, prefix_len:])
 
 
 def _pool(x: Tensor, pooling: str, dims: tuple[int, ...]) -> Tensor:

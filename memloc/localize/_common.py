@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import check_tokens
+from ..metrics import suffix_nll
 from ..models import neuron_hook_name
+
+#: The memorization loss (Chang et al. Eq. 6), kept under the name the localization methods use.
+memorization_loss = suffix_nll
 
 __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockInputs", "capture_clean",
            "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear"]
@@ -39,16 +42,6 @@ def prepare_sequence(model: Any, tokens: Any, prefix_len: int) -> Int[Tensor, "1
 def suffix_positions(seq_len: int, prefix_len: int) -> slice:
     """Positions ``prefix_len-1 .. seq_len-2``: the inputs ``[p, s_<t]`` that predict each ``s_t``."""
     return slice(prefix_len - 1, seq_len - 1)
-
-
-def memorization_loss(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "batch T"]) -> Float[Tensor, "batch"]:
-    """Memorization loss (Chang et al. Eq. 6): mean NLL of the suffix tokens, one value per row.
-
-    ``logits`` are those at the suffix positions (already sliced), ``targets`` the suffix tokens."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.expand(logits.shape[0], -1), reduction="none")
-    return nll.mean(dim=1)
 
 
 class BlockInputs:
