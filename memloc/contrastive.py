@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_tokens
+from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_seed, check_tokens
 from ._progress import progress
 from .borrow import borrowed
 from .gradients import parameter_components
@@ -234,8 +234,7 @@ def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], nonmemori
         raise ValueError(f"n_nmp_per_batch={n_nmp_per_batch} exceeds the {len(nmp)} NMPs given")
     check_choice(pooling, "pooling", POOLINGS)
     check_choice(aggregate, "aggregate", ("gradient", "score"))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     with borrowed(model):
         names = eligible_parameters(model)
@@ -315,8 +314,7 @@ def _check_finetune_args(model, memorized, nonmemorized, prefix_len, objective, 
     edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_choice(mask, "mask", MASKS)
     check_fraction(fraction, "fraction")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     return mp, nmp, edit_seq
 
 

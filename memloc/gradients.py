@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._checks import check_choice, check_positive_int, check_tokens
+from ._checks import check_choice, check_layers, check_positive_int, check_tokens
 from ._progress import progress
 from .borrow import borrowed
 from .metrics import suffix_nll
@@ -505,10 +505,7 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     bad = [c for c in comps if c not in ACTIVATION_COMPONENTS]
     if bad:
         raise ValueError(f"components {bad} are not among {tuple(ACTIVATION_COMPONENTS)}")
-    n_layers = int(model.cfg.n_layers)
-    lays = list(range(n_layers)) if layers is None else [int(l) for l in layers]
-    if not lays or any(not 0 <= l < n_layers for l in lays):
-        raise ValueError(f"layers must be a non-empty list of layers in 0..{n_layers - 1}, got {layers!r}")
+    lays = check_layers(model, layers)
     if tuple(comps) == DEFAULT_ACTIVATION_COMPONENTS:  # e.g. parallel-attention models have no resid_mid
         comps = [c for c in comps if all(ACTIVATION_COMPONENTS[c][0].format(l=l) in model.hook_dict for l in lays)]
     hook_names = sorted({ACTIVATION_COMPONENTS[c][0].format(l=l) for c in comps for l in lays})

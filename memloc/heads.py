@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
+from ._checks import check_choice, check_fraction, check_layers, check_positive_int, check_tokens
 from ._progress import progress
 from .borrow import borrowed
 
@@ -67,29 +67,6 @@ def attention_hook_name(layer: int) -> str:
 def _batches(n: int, batch_size: int):
     for i in range(0, n, batch_size):
         yield slice(i, min(n, i + batch_size))
-
-
-def _check_layers(model: Any, layer: Any, name: str = "layer") -> list[int]:
-    n_layers = int(model.cfg.n_layers)
-    if layer is None:
-        return list(range(n_layers))
-    items = [layer] if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) else layer
-    try:
-        items = list(items)
-    except TypeError:
-        raise ValueError(f"{name} must be None, an int or a sequence of ints in 0..{n_layers - 1}, "
-                         f"got {layer!r}") from None
-    if not items:
-        raise ValueError(f"{name} must name at least one layer, got an empty sequence")
-    out = []
-    for li in items:
-        if isinstance(li, bool) or not isinstance(li, (int, np.integer)) or not 0 <= int(li) < n_layers:
-            raise ValueError(f"{name} must be None, an int or a sequence of ints in 0..{n_layers - 1}, "
-                             f"got {layer!r}")
-        out.append(int(li))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name} repeats a layer: {layer!r}")
-    return out
 
 
 def _prefix_len_for_attention(model: Any, tokens: Any, prefix_len: Any) -> Tensor:
@@ -155,7 +132,7 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
         ValueError: bad tokens, prefix_len, layer or batch_size (before any forward pass).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    layers = check_layers(model, layer, "layer")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
         out = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
@@ -173,7 +150,7 @@ def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix
         ``decode`` and the model has a tokenizer, ``token`` (the decoded key token).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    layers = check_layers(model, layer, "layer")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
         att = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
@@ -336,7 +313,7 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         all paragraphs), ``n_paragraphs`` (paragraphs where the rank occurs), ``n`` (paragraphs).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layer)
+    layers = check_layers(model, layer, "layer")
     freq = _check_frequencies(frequencies, int(model.cfg.d_vocab))
     check_choice(ties, "ties", TIES)
     check_positive_int(batch_size, "batch_size")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .._checks import check_fraction, check_positive_int, check_tokens
+from .._checks import check_fraction, check_positive_int, check_seed, check_tokens
 from .._progress import progress
 from ..ablation import n_selected, select_top_k
 from ..borrow import borrowed
@@ -107,8 +107,7 @@ def sample_injection_mask(n_layers: int, d_mlp: int, ratio: float, seed: int) ->
     check_positive_int(n_layers, "n_layers")
     check_positive_int(d_mlp, "d_mlp")
     check_fraction(ratio, "ratio")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed, non_negative=True)
     total = n_layers * d_mlp
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=gen)[:n_selected(ratio, total)]

@@ -9,11 +9,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_float as _check_float, check_positive_int, check_seed
+from .._checks import check_start_layer as _check_start_layer
 from ..borrow import borrowed
 from ._common import prepare_sequence
 from ._masks import train_masks
-from .slimming import _check_float, _check_start_layer
 
 __all__ = ["hard_concrete", "hard_concrete_mask", "l0_regularizer", "GAMMA", "ZETA"]
 
@@ -69,8 +69,7 @@ def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
     stop_loss = _check_float(stop_loss, "stop_loss", positive=False)
     if isinstance(mask_init, bool) or not isinstance(mask_init, (int, float)) or not 0 < mask_init < 1:
         raise ValueError(f"mask_init must be in (0, 1), got {mask_init!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     check_positive_int(max_steps, "max_steps")
     check_positive_int(check_every, "check_every")
     start_layer = _check_start_layer(model, start_layer)

@@ -8,7 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_float as _check_float, check_positive_int
+from .._checks import check_start_layer as _check_start_layer
 from ..borrow import borrowed
 from ._common import prepare_sequence
 from ._masks import train_masks
@@ -21,19 +22,6 @@ def l1_regularizer(mask: Float[Tensor, "layer neuron"], start_layer: int = 0) ->
     N masked neurons of layers ``>= start_layer`` (so ``lam`` is per mean neuron)."""
     m = mask[start_layer:]
     return m.abs().sum() / m.numel()
-
-
-def _check_float(value: Any, name: str, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0) or value < 0:
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
-    return float(value)
-
-
-def _check_start_layer(model: Any, start_layer: Any) -> int:
-    n = model.cfg.n_layers
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n:
-        raise ValueError(f"start_layer must be an int in 0..{n - 1}, got {start_layer!r}")
-    return start_layer
 
 
 def slimming(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,

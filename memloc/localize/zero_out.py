@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_layers, check_positive_int
 from .._progress import progress
 from ..borrow import borrowed
 from ..models import neuron_hook_name
@@ -55,11 +55,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     tokens = prepare_sequence(model, tokens, prefix_len)
     check_positive_int(batch_size, "batch_size")
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    if layers is None:
-        layers = list(range(n_layers))
-    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers must be a non-empty list of layer indices in 0..{n_layers - 1}, got {layers!r}")
+    layers = check_layers(model, layers)
     if neurons is None:
         neuron_idx = torch.arange(d_mlp)
     else:
