@@ -46,6 +46,7 @@ from ._checks import check_choice, check_layers, check_positive_int, check_token
 from ._progress import progress
 from .borrow import borrowed
 from .metrics import suffix_nll
+from .models import hook_name
 
 __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
            "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
@@ -456,19 +457,20 @@ def attention_mlp_totals(df: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.Data
 # activation gradients
 # ---------------------------------------------------------------------------------------------
 
-#: component -> (hook name template, per-head?)
+#: component -> (TransformerLens activation name, per-head?); the hook point of layer l is
+#: ``memloc.models.hook_name(activation, l)`` (e.g. ``"mlp_pre"`` -> ``blocks.{l}.mlp.hook_pre``).
 ACTIVATION_COMPONENTS: dict[str, tuple[str, bool]] = {
-    "q": ("blocks.{l}.attn.hook_q", True),
-    "k": ("blocks.{l}.attn.hook_k", True),
-    "v": ("blocks.{l}.attn.hook_v", True),
-    "z": ("blocks.{l}.attn.hook_z", True),
-    "result": ("blocks.{l}.hook_attn_out", True),
-    "attn_out": ("blocks.{l}.hook_attn_out", False),
-    "mlp_pre": ("blocks.{l}.mlp.hook_pre", False),
-    "mlp_post": ("blocks.{l}.mlp.hook_post", False),
-    "resid_pre": ("blocks.{l}.hook_resid_pre", False),
-    "resid_mid": ("blocks.{l}.hook_resid_mid", False),
-    "resid_post": ("blocks.{l}.hook_resid_post", False),
+    "q": ("q", True),
+    "k": ("k", True),
+    "v": ("v", True),
+    "z": ("z", True),
+    "result": ("attn_out", True),
+    "attn_out": ("attn_out", False),
+    "mlp_pre": ("pre", False),
+    "mlp_post": ("post", False),
+    "resid_pre": ("resid_pre", False),
+    "resid_mid": ("resid_mid", False),
+    "resid_post": ("resid_post", False),
 }
 DEFAULT_ACTIVATION_COMPONENTS = ("q", "k", "v", "z", "attn_out", "mlp_pre", "mlp_post", "resid_pre", "resid_mid",
                                  "resid_post")
@@ -507,8 +509,8 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         raise ValueError(f"components {bad} are not among {tuple(ACTIVATION_COMPONENTS)}")
     lays = check_layers(model, layers)
     if tuple(comps) == DEFAULT_ACTIVATION_COMPONENTS:  # e.g. parallel-attention models have no resid_mid
-        comps = [c for c in comps if all(ACTIVATION_COMPONENTS[c][0].format(l=l) in model.hook_dict for l in lays)]
-    hook_names = sorted({ACTIVATION_COMPONENTS[c][0].format(l=l) for c in comps for l in lays})
+        comps = [c for c in comps if all(hook_name(ACTIVATION_COMPONENTS[c][0], l) in model.hook_dict for l in lays)]
+    hook_names = sorted({hook_name(ACTIVATION_COMPONENTS[c][0], l) for c in comps for l in lays})
     missing = [h for h in hook_names if h not in model.hook_dict]
     if missing:
         raise ValueError(f"components: the model has no hook points {missing}")
@@ -530,7 +532,7 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
                 acts[name] = act
                 return act
 
-            fwd = [("blocks.0.hook_resid_pre", grad_leaf)] + [
+            fwd = [(hook_name("resid_pre", 0), grad_leaf)] + [
                 (h, lambda act, hook, name=h: capture(act, hook, name)) for h in hook_names]
             with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
                 loss = continuation_loss(model(x), x, prefix_len).sum()
@@ -538,9 +540,9 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
                 grads = torch.autograd.grad(loss, [acts[h] for h in names], allow_unused=True)
             gmap = {h: (torch.zeros_like(acts[h]) if g is None else g) for h, g in zip(names, grads)}
             for c in comps:
-                tmpl, per_head = ACTIVATION_COMPONENTS[c]
+                act_name, per_head = ACTIVATION_COMPONENTS[c]
                 for l in lays:
-                    g = gmap[tmpl.format(l=l)].detach().float()
+                    g = gmap[hook_name(act_name, l)].detach().float()
                     if per_head and c != "result":
                         vals = _pool(g, pooling, (3,))                        # [b, pos, head]
                     else:

@@ -42,6 +42,7 @@ from torch import Tensor
 from ._checks import check_choice, check_fraction, check_layers, check_positive_int, check_tokens
 from ._progress import progress
 from .borrow import borrowed
+from .models import hook_name, layer_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ EVIDENCE = ("contrastive", "activation", "rare")
 
 def attention_hook_name(layer: int) -> str:
     """TransformerLens hook point of layer ``layer``'s attention pattern [batch, head, query, key]."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return hook_name("pattern", layer)
 
 
 def _batches(n: int, batch_size: int):
@@ -88,11 +89,10 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
                        desc="first-token attention"):
         got: dict[int, Tensor] = {}
 
-        def grab(pattern: Tensor, hook: Any) -> None:
-            layer = int(hook.name.split(".")[1])
+        def grab(pattern: Tensor, hook: Any, *, layer: int) -> None:
             got[layer] = pattern[:, :, prefix_len - 1, :prefix_len].detach().float().cpu()
 
-        fwd = [(attention_hook_name(li), grab) for li in layers]
+        fwd = layer_hooks("pattern", layers, grab)
         model.run_with_hooks(tokens[sl, :prefix_len], fwd_hooks=fwd,
                              stop_at_layer=stop if stop < int(model.cfg.n_layers) else None)
         missing = [li for li in layers if li not in got]

@@ -40,18 +40,13 @@ from torch import Tensor
 from ._checks import check_positive_int, check_prefix_len, check_tokens
 from ._progress import progress
 from .borrow import borrowed
+from .models import hook_name
 
 __all__ = ["COMPONENTS", "DIRECTIONS", "activation_patching"]
 
-#: component name -> hook name template (``{l}`` = layer)
-COMPONENTS = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "z": "blocks.{l}.attn.hook_z",
-}
+#: Components that can be patched: TransformerLens activation names (``memloc.models.hook_name(c, l)``
+#: is the hook point, e.g. ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``).
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_mid", "resid_post", "z")
 #: ``mp_to_pmp``: clean run = PMP, MP activations patched in; ``pmp_to_mp``: the reverse.
 DIRECTIONS = ("mp_to_pmp", "pmp_to_mp")
 
@@ -108,7 +103,7 @@ def _settings(model: Any, components: Sequence[str]) -> list[tuple[str, int, str
     n_heads = int(model.cfg.n_heads)
     for layer in range(int(model.cfg.n_layers)):
         for comp in components:
-            name = COMPONENTS[comp].format(l=layer)
+            name = hook_name(comp, layer)
             if comp == "z":
                 out += [(name, layer, comp, h) for h in range(n_heads)]
             else:

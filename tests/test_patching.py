@@ -98,7 +98,9 @@ def test_matches_slow_reference(kind, request):
     for _, row in df.sample(n=24, random_state=0).iterrows():
         i = int(row.id)
         receiver, source = (pmp[i], mp[i]) if row.direction == "mp_to_pmp" else (mp[i], pmp[i])
-        hook = COMPONENTS[row.component].format(l=int(row.layer))
+        hook = {"resid_pre": "blocks.{l}.hook_resid_pre", "attn_out": "blocks.{l}.hook_attn_out",
+                "mlp_out": "blocks.{l}.hook_mlp_out", "resid_mid": "blocks.{l}.hook_resid_mid",
+                "resid_post": "blocks.{l}.hook_resid_post", "z": "blocks.{l}.attn.hook_z"}[row.component].format(l=int(row.layer))
         clean, patched = reference_patch(model, receiver, source, int(pos[i]), int(row.impact_position), hook,
                                          int(row["head"]))
         assert row.nll_clean == pytest.approx(clean, abs=1e-4)

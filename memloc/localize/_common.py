@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_tokens
 from ..metrics import suffix_nll
-from ..models import neuron_hook_name
+from ..models import hook_name, neuron_hook_name
 
 #: The memorization loss (Chang et al. Eq. 6), kept under the name the localization methods use.
 memorization_loss = suffix_nll
@@ -119,7 +119,7 @@ def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: 
     """Whether ``hook_mlp_out == hook_post @ W_out + b_out`` holds in this model's coordinates
     (true for unprocessed weights; checked before relying on it)."""
     h = acts[neuron_hook_name(layer)]
-    out = acts[f"blocks.{layer}.hook_mlp_out"]
+    out = acts[hook_name("mlp_out", layer)]
     b = getattr(model, "b_out", None)
     pred = h @ w_out(model)[layer].to(h.dtype) + (b[layer].detach() if b is not None else 0.0)
     scale = out.abs().max().clamp_min(1.0)

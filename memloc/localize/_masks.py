@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress
-from ..models import neuron_hook_name
+from ..models import layer_hooks
 from ._common import memorization_loss, suffix_positions
 
 
@@ -32,11 +32,10 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
     pos = suffix_positions(tokens.shape[1], prefix_len)
     target = tokens[:, prefix_len:]
 
-    def hook(act, hook):
-        l = int(hook.name.split(".")[1])
-        return act * mask_fn(l).to(act.dtype)
+    def hook(act, hook, *, layer):
+        return act * mask_fn(layer).to(act.dtype)
 
-    hooks = [(neuron_hook_name(l), hook) for l in range(start_layer, model.cfg.n_layers)]
+    hooks = layer_hooks("post", range(start_layer, model.cfg.n_layers), hook)
     steps = 0
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
         for step in progress(range(max_steps), enabled=progress_bar, desc=desc):

@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..borrow import borrowed
-from ..models import neuron_hook_name
+from ..models import layer_hooks
 from ._common import memorization_loss, prepare_sequence, suffix_positions
 
 __all__ = ["attribution_patching"]
@@ -38,15 +38,15 @@ def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
         n_layers = model.cfg.n_layers
         leaves: dict[int, Tensor] = {}
 
-        def leaf(act, hook):
+        def leaf(act, hook, *, layer):
             # the first hooked layer becomes a leaf; later layers are already in its graph (detaching
             # them would cut the paths from earlier neurons through later layers' neurons)
             x = act if act.requires_grad else act.detach().requires_grad_(True)
-            leaves[int(hook.name.split(".")[1])] = x
+            leaves[layer] = x
             return x
 
         with torch.enable_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(neuron_hook_name(l), leaf) for l in range(n_layers)])
+            logits = model.run_with_hooks(tokens, fwd_hooks=layer_hooks("post", range(n_layers), leaf))
             pos = suffix_positions(tokens.shape[1], prefix_len)
             loss = memorization_loss(logits[:, pos], tokens[:, prefix_len:])[0]
             hs = [leaves[l] for l in range(n_layers)]
