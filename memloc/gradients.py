@@ -32,7 +32,6 @@ Activation gradients (Eq. 5)
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_layers, check_positive_int, check_tokens
 from ._progress import progress
+from .architectures import adapter_for, layer_of, model_type, module_path, weight_layout
 from .borrow import borrowed
 from .metrics import suffix_nll
 from .models import hook_name
@@ -96,25 +96,6 @@ class ParamComponent:
         return t[self.index]
 
 
-_Q = {"q", "q_proj", "query"}
-_K = {"k", "k_proj", "key"}
-_V = {"v", "v_proj", "value"}
-_O = {"o", "o_proj", "out_proj", "c_proj", "dense", "wo"}
-_FUSED = {"qkv", "c_attn", "query_key_value", "wqkv"}
-_IN = {"c_fc", "fc_in", "dense_h_to_4h", "up_proj", "fc1", "w1", "in"}
-_GATE = {"gate_proj", "gate", "w3"}
-_OUT = {"c_proj", "fc_out", "dense_4h_to_h", "down_proj", "fc2", "w2", "out"}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
-
-
-def _clean(name: str) -> list[str]:
-    return [p for p in name.split(".") if p != "_original_component"]
-
-
-def _orientation(module: Any) -> str:
-    return "in_out" if type(module).__name__ == "Conv1D" else "out_in"
-
-
 def _head_slices(orient: str, n: int, d_head: int, axis_role: str, offset: int = 0, stride: int | None = None):
     """Slicers of ``n`` head blocks of ``d_head`` along the output (``axis_role="out"``) or input axis."""
     out = []
@@ -153,32 +134,24 @@ def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[Para
     cfg = model.cfg
     n_layers, n_heads, d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-    arch = (str(getattr(cfg, "original_architecture", "") or "") + type(getattr(model, "original_model", model)).__name__)
-    interleaved = "NeoX" in arch or "neox" in arch.lower()
+    adapter = adapter_for(model)
+    arch = f"{adapter.family} ({model_type(model)})"
+    interleaved = adapter.fused_layout == "interleaved"
     found: dict[int, dict[str, tuple[str, Any, str]]] = {l: {} for l in range(n_layers)}
     for name, param in model.named_parameters():
         if not name.endswith("weight") or param.ndim != 2:
             continue
-        m = _LAYER_RE.search(name)
-        if m is None:
-            continue
-        layer = int(m.group(1))
+        layer = layer_of(name)
         if layer not in found:
             continue
-        parts = _clean(name)
+        parts = module_path(name)
         leaf = parts[-2]
         context = parts[:-2]
         in_attn = any("attn" in p or "attention" in p for p in context)
         in_mlp = any("mlp" in p or p == "feed_forward" for p in context)
         module = model.get_submodule(name[: -len(".weight")])
-        orient = _orientation(module)
-        if in_attn:
-            key = ("W_Q" if leaf in _Q else "W_K" if leaf in _K else "W_V" if leaf in _V else
-                   "W_O" if leaf in _O else "fused" if leaf in _FUSED else None)
-        elif in_mlp:
-            key = "W_in" if leaf in _IN else "W_gate" if leaf in _GATE else "W_out" if leaf in _OUT else None
-        else:
-            key = None
+        orient = weight_layout(module) or "out_in"
+        key = adapter.component(leaf, in_attention=in_attn, in_mlp=in_mlp)
         if key is not None:
             found[layer][key] = (name, param, orient)
 

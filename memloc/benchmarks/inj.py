@@ -32,6 +32,7 @@ from torch import Tensor
 from .._checks import check_fraction, check_positive_int, check_seed, check_tokens
 from .._progress import progress
 from ..ablation import n_selected, select_top_k
+from ..architectures import weight_layout
 from ..borrow import borrowed
 from ._scores import (PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods,
                       with_sequence_seed)
@@ -85,10 +86,9 @@ def ffn_value_vectors(model: Any) -> list[ValueVectors]:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or id(weight) not in names or weight.ndim != 2:
             raise ValueError(f"blocks[{l}].mlp.out has no 2-D weight parameter")
-        if isinstance(module, torch.nn.Linear):
-            axis = 1
-        elif type(module).__name__ == "Conv1D":
-            axis = 0
+        layout = weight_layout(module)  # the neuron axis is the input axis: 1 of [out, in], 0 of [in, out]
+        if layout is not None:
+            axis = 1 if layout == "out_in" else 0
         else:
             matches = [a for a in (0, 1) if weight.shape[a] == d_mlp]
             if len(matches) != 1:

@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import check_tokens
+from ..architectures import replayable_block_arguments
 from ..metrics import suffix_nll
 from ..models import hook_name, neuron_hook_name
 
@@ -55,12 +56,6 @@ class BlockInputs:
         self.kwargs: dict[int, dict] = {}
 
 
-def _strip_cache(v: Any) -> Any:
-    from transformers.cache_utils import Cache
-
-    return None if isinstance(v, Cache) else v
-
-
 def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
                   capture_blocks: bool = True) -> tuple[Tensor, dict[str, Tensor], BlockInputs]:
     """One clean forward: logits, the activations at hook points ``names`` (detached) and the
@@ -72,11 +67,7 @@ def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
 
     def make_pre(i: int) -> Callable:
         def pre(module, args, kwargs):
-            inputs.args[i] = tuple(_strip_cache(a) for a in args[1:])
-            kw = {k: _strip_cache(v) for k, v in kwargs.items()}
-            if "use_cache" in kw:
-                kw["use_cache"] = False
-            inputs.kwargs[i] = kw
+            inputs.args[i], inputs.kwargs[i] = replayable_block_arguments(args[1:], kwargs)
         return pre
 
     def saver(name: str) -> Callable:
