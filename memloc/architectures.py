@@ -25,10 +25,9 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
-if TYPE_CHECKING:
-    from .models import Model
+from .models import Model
 
 logger = logging.getLogger(__name__)
 

@@ -8,23 +8,21 @@ restore weights from a snapshot for functions that edit weights.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from transformer_lens.hook_points import HookPoint, LensHandle
-
-    from .models import Model
+from .models import Model
 
 __all__ = ["borrowed"]
 
 _DIRS: tuple[Literal["fwd", "bwd"], ...] = ("fwd", "bwd")
 
 
-def _handles(model: Model) -> dict[tuple[int, str], tuple[HookPoint, list[LensHandle]]]:
-    """Every hook function on the model, per (hook point, direction), read through TransformerLens's
-    ``list_hooks`` (aliases resolve to the same hook point and are counted once)."""
+def _handles(model: Model) -> dict[tuple[int, str], tuple[Any, list[Any]]]:
+    """Every hook function on the model, per (hook point, direction): ``(HookPoint, [LensHandle])``,
+    read through TransformerLens's ``list_hooks`` (aliases resolve to the same hook point and are
+    counted once)."""
     hook_dict = model.hook_dict
     out: dict = {}
     for d in _DIRS:

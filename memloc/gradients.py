@@ -32,7 +32,6 @@ Activation gradients (Eq. 5)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -43,10 +42,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_layers, check_positive_int, check_tokens
 from ._progress import progress
-from .architectures import adapter_for, layer_of, model_type, module_path, weight_layout
 from .borrow import borrowed
+from .components import ATTN_COMPONENTS, MLP_COMPONENTS, ParamComponent, parameter_components
 from .metrics import suffix_nll
-from .models import hook_name
+from .models import Model, hook_name
 
 __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
            "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
@@ -54,142 +53,8 @@ __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "par
 
 Pooling = Literal["max", "sum", "mean"]
 POOLINGS = ("max", "sum", "mean")
-ATTN_COMPONENTS = ("W_Q", "W_K", "W_V", "W_O")
-MLP_COMPONENTS = ("W_in", "W_gate", "W_out")
 #: Stoehr et al. Fig. 9 EM bins (inclusive bounds).
 EM_BINS = ((0, 10), (11, 29), (30, 49), (50, 50))
-
-
-# ---------------------------------------------------------------------------------------------
-# parameter layout: which slice of which parameter is W_Q of head h in layer l
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParamComponent:
-    """One component (Stoehr §5: ``c`` in ``theta in R^{L x C x D*}``) of one layer.
-
-    Attributes:
-        layer: block index.
-        component: ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_in``, ``W_gate`` or ``W_out``.
-        head: attention head (key/value head for grouped-query ``W_K``/``W_V``); -1 for MLP weights.
-        name: name of the parameter in ``model.named_parameters()``.
-        param: the parameter itself.
-        index: slicer selecting the component's weights in ``param`` (and in its gradient).
-        orientation: ``"out_in"`` (torch Linear ``[out, in]``) or ``"in_out"`` (GPT-2 Conv1D ``[in, out]``).
-    """
-
-    layer: int
-    component: str
-    head: int
-    name: str
-    param: Any
-    index: tuple
-    orientation: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.component} H{self.head}" if self.head >= 0 else self.component
-
-    def block(self, tensor: Tensor | None = None) -> Tensor:
-        """The component's weights (or the same slice of ``tensor``, e.g. a gradient)."""
-        t = self.param if tensor is None else tensor
-        return t[self.index]
-
-
-def _head_slices(orient: str, n: int, d_head: int, axis_role: str, offset: int = 0, stride: int | None = None):
-    """Slicers of ``n`` head blocks of ``d_head`` along the output (``axis_role="out"``) or input axis."""
-    out = []
-    for h in range(n):
-        start = offset + h * (stride if stride is not None else d_head)
-        sl = slice(start, start + d_head)
-        out_axis = 0 if orient == "out_in" else 1
-        axis = out_axis if axis_role == "out" else 1 - out_axis
-        out.append((slice(None), sl) if axis == 1 else (sl, slice(None)))
-    return out
-
-
-def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[ParamComponent]:
-    """Map the bridge's parameters to Stoehr's per-layer, per-head components (§5, Fig. 4).
-
-    Works on the Hugging Face parameters the TransformerBridge exposes (``model.named_parameters()``):
-    separate q/k/v/o projections (GPT-Neo ``q_proj``..., the bridge's split ``q/k/v/o`` of GPT-2
-    and GPT-NeoX, Llama ``q_proj``... with grouped-query ``k_proj``/``v_proj`` of
-    ``n_key_value_heads`` heads), fused projections when no split ones exist (GPT-2 ``c_attn``
-    Conv1D ``[d_model, 3 d_model]`` laid out q|k|v; GPT-NeoX ``query_key_value`` Linear with the
-    per-head interleaved layout ``[head, (q k v), d_head]``), torch ``Linear`` ``[out, in]`` and GPT-2
-    ``Conv1D`` ``[in, out]`` orientations, and MLP ``W_in``/``W_gate``/``W_out``.  Embeddings,
-    unembedding, biases and norm weights are excluded (Stoehr §5.2).
-
-    Returns:
-        One :class:`ParamComponent` per (layer, component, head), ordered by layer, then
-        ``W_Q, W_K, W_V, W_O`` (heads ascending), ``W_in, W_gate, W_out``.
-
-    ``prefer_fused=True`` maps q/k/v from the fused projection even where split ones exist (the
-    TransformerBridge keeps GPT-2's/NeoX's original fused weight beside the split ones it runs;
-    only the split ones receive gradients, so this is for inspecting weights, not for gradients).
-
-    Raises:
-        ValueError: if some layer's attention or MLP weights cannot be identified.
-    """
-    cfg = model.cfg
-    n_layers, n_heads, d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-    adapter = adapter_for(model)
-    arch = f"{adapter.family} ({model_type(model)})"
-    interleaved = adapter.fused_layout == "interleaved"
-    found: dict[int, dict[str, tuple[str, Any, str]]] = {l: {} for l in range(n_layers)}
-    for name, param in model.named_parameters():
-        if not name.endswith("weight") or param.ndim != 2:
-            continue
-        layer = layer_of(name)
-        if layer not in found:
-            continue
-        parts = module_path(name)
-        leaf = parts[-2]
-        context = parts[:-2]
-        in_attn = any("attn" in p or "attention" in p for p in context)
-        in_mlp = any("mlp" in p or p == "feed_forward" for p in context)
-        module = model.get_submodule(name[: -len(".weight")])
-        orient = weight_layout(module) or "out_in"
-        key = adapter.component(leaf, in_attention=in_attn, in_mlp=in_mlp)
-        if key is not None:
-            found[layer][key] = (name, param, orient)
-
-    comps: list[ParamComponent] = []
-    for layer in range(n_layers):
-        f = found[layer]
-        split = all(k in f for k in ("W_Q", "W_K", "W_V")) and not (prefer_fused and "fused" in f)
-        if not split and "fused" not in f:
-            raise ValueError(f"parameter_components: cannot find the q/k/v weights of layer {layer} "
-                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
-        if "W_O" not in f or "W_in" not in f or "W_out" not in f:
-            raise ValueError(f"parameter_components: cannot find W_O/W_in/W_out of layer {layer} "
-                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
-        if split:
-            for comp, n in (("W_Q", n_heads), ("W_K", n_kv), ("W_V", n_kv)):
-                name, p, orient = f[comp]
-                for h, idx in enumerate(_head_slices(orient, n, d_head, "out")):
-                    comps.append(ParamComponent(layer, comp, h, name, p, idx, orient))
-        else:
-            name, p, orient = f["fused"]
-            for c_i, comp in enumerate(("W_Q", "W_K", "W_V")):
-                if interleaved:  # NeoX: rows [head, (q, k, v), d_head]
-                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * d_head, stride=3 * d_head)
-                else:            # GPT-2: columns q | k | v, each [head, d_head]
-                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * n_heads * d_head)
-                for h, sl in enumerate(idx):
-                    comps.append(ParamComponent(layer, comp, h, name, p, sl, orient))
-        # keep W_Q, W_K, W_V, W_O order with heads ascending
-        name, p, orient = f["W_O"]
-        for h, idx in enumerate(_head_slices(orient, n_heads, d_head, "in")):
-            comps.append(ParamComponent(layer, "W_O", h, name, p, idx, orient))
-        for comp in MLP_COMPONENTS:
-            if comp in f:
-                name, p, orient = f[comp]
-                comps.append(ParamComponent(layer, comp, -1, name, p, (slice(None), slice(None)), orient))
-    order = {c: i for i, c in enumerate(ATTN_COMPONENTS + MLP_COMPONENTS)}
-    comps.sort(key=lambda c: (c.layer, order[c.component], c.head))
-    return comps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +77,7 @@ def _pool(x: Tensor, pooling: str, dims: tuple[int, ...]) -> Tensor:
     return a.mean(dim=dims)
 
 
-def _check_common(model: Any, tokens: Any, prefix_len: int, pooling: str, batch_size: int) -> Tensor:
+def _check_common(model: Model, tokens: Any, prefix_len: int, pooling: str, batch_size: int) -> Tensor:
     tokens = check_tokens(model, tokens, prefix_len)
     check_choice(pooling, "pooling", POOLINGS)
     check_positive_int(batch_size, "batch_size")
@@ -242,7 +107,7 @@ def _param_frame(comps: list[ParamComponent], values: Tensor, paragraphs: Sequen
 # parameter gradients
 # ---------------------------------------------------------------------------------------------
 
-def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *, pooling: Pooling = "max",
+def parameter_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *, pooling: Pooling = "max",
                         per_paragraph: bool = False, batch_size: int = 8,
                         progress_bar: bool = True) -> pd.DataFrame:
     """Parameter gradient attribution scores per layer x component (x head) (Stoehr Eq. 1-2, Fig. 4).
@@ -291,7 +156,7 @@ def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: in
     return _param_frame(comps, values, None)
 
 
-def _per_sample_scores(model: Any, tokens: Tensor, prefix_len: int, comps: list[ParamComponent], names: list[str],
+def _per_sample_scores(model: Model, tokens: Tensor, prefix_len: int, comps: list[ParamComponent], names: list[str],
                        batches: list[slice], pooling: str, progress_bar: bool) -> Tensor:
     """Per-paragraph pooled scores from per-sample weight gradients ``sum_pos x^T dL_n/dy`` of each linear module."""
     by_name: dict[str, list[int]] = {}
@@ -349,7 +214,7 @@ def em_bins(em: Sequence[int] | Tensor | pd.Series, bins: Sequence[tuple[int, in
     return labels
 
 
-def parameter_gradients_by_group(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
+def parameter_gradients_by_group(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int,
                                  groups: Sequence | pd.Series, *, pooling: Pooling = "max",
                                  max_per_group: int | None = None, batch_size: int = 8,
                                  progress_bar: bool = True) -> pd.DataFrame:
@@ -449,7 +314,7 @@ DEFAULT_ACTIVATION_COMPONENTS = ("q", "k", "v", "z", "attn_out", "mlp_pre", "mlp
                                  "resid_post")
 
 
-def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def activation_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                          components: Sequence[str] = DEFAULT_ACTIVATION_COMPONENTS,
                          layers: Sequence[int] | None = None, pooling: Pooling = "max", batch_size: int = 8,
                          progress_bar: bool = True) -> pd.DataFrame:
@@ -487,7 +352,7 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     missing = [h for h in hook_names if h not in model.hook_dict]
     if missing:
         raise ValueError(f"components: the model has no hook points {missing}")
-    n, seq = tokens.shape
+    n = len(tokens)
     frames = []
     with borrowed(model):
         model.eval()
@@ -495,7 +360,6 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
             p.requires_grad_(False)
         for start in progress(range(0, n, batch_size), enabled=progress_bar, desc="activation gradients"):
             x = tokens[start:start + batch_size]
-            b = x.shape[0]
             acts: dict[str, Tensor] = {}
 
             def grad_leaf(act, hook):  # make everything downstream differentiable
@@ -512,25 +376,35 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
                 names = [h for h in hook_names if h in acts]
                 grads = torch.autograd.grad(loss, [acts[h] for h in names], allow_unused=True)
             gmap = {h: (torch.zeros_like(acts[h]) if g is None else g) for h, g in zip(names, grads)}
-            for c in comps:
-                act_name, per_head = ACTIVATION_COMPONENTS[c]
-                for l in lays:
-                    g = gmap[hook_name(act_name, l)].detach().float()
-                    if per_head and c != "result":
-                        vals = _pool(g, pooling, (3,))                        # [b, pos, head]
-                    else:
-                        vals = _pool(g, pooling, (2,)).unsqueeze(-1)          # [b, pos, 1]
-                        if c == "result":
-                            vals = vals.expand(b, seq, int(model.cfg.n_heads))
-                    H = vals.shape[-1]
-                    heads = np.arange(H) if (per_head or c == "result") else np.array([-1])
-                    v = vals.permute(0, 2, 1).cpu().numpy()                  # [b, head, pos]
-                    ii, hh, pp = np.meshgrid(np.arange(b), np.arange(H), np.arange(seq), indexing="ij")
-                    frames.append(pd.DataFrame({
-                        "paragraph": start + ii.ravel(), "layer": l, "component": c,
-                        "head": heads[hh.ravel()], "position": pp.ravel(), "value": v.ravel().astype(np.float64)}))
+            frames += _activation_frames(gmap, comps, lays, pooling, start, int(model.cfg.n_heads))
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["paragraph", "layer", "component", "head", "position"], kind="stable").reset_index(drop=True)
+
+
+def _activation_frames(gmap: dict[str, Tensor], comps: list[str], lays: list[int], pooling: str, start: int,
+                       n_heads: int) -> list[pd.DataFrame]:
+    """Tidy rows of one batch: the activation gradients ``gmap`` (hook name -> [b, pos, (head,) d])
+    |.|-pooled over the hidden dimension, for paragraphs ``start .. start + b - 1``."""
+    frames = []
+    for c in comps:
+        act_name, per_head = ACTIVATION_COMPONENTS[c]
+        for l in lays:
+            g = gmap[hook_name(act_name, l)].detach().float()
+            b, seq = g.shape[:2]
+            if per_head and c != "result":
+                vals = _pool(g, pooling, (3,))                        # [b, pos, head]
+            else:
+                vals = _pool(g, pooling, (2,)).unsqueeze(-1)          # [b, pos, 1]
+                if c == "result":
+                    vals = vals.expand(b, seq, n_heads)
+            H = vals.shape[-1]
+            heads = np.arange(H) if (per_head or c == "result") else np.array([-1])
+            v = vals.permute(0, 2, 1).cpu().numpy()                  # [b, head, pos]
+            ii, hh, pp = np.meshgrid(np.arange(b), np.arange(H), np.arange(seq), indexing="ij")
+            frames.append(pd.DataFrame({
+                "paragraph": start + ii.ravel(), "layer": l, "component": c,
+                "head": heads[hh.ravel()], "position": pp.ravel(), "value": v.ravel().astype(np.float64)}))
+    return frames
 
 
 def activation_gradient_tensor(df: pd.DataFrame, component: str, *, paragraph: int | None = None

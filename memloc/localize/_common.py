@@ -18,7 +18,7 @@ from torch import Tensor
 from .._checks import check_tokens
 from ..architectures import replayable_block_arguments
 from ..metrics import suffix_nll
-from ..models import hook_name, neuron_hook_name
+from ..models import Model, hook_name, neuron_hook_name
 
 #: The memorization loss (Chang et al. Eq. 6), kept under the name the localization methods use.
 memorization_loss = suffix_nll
@@ -27,7 +27,7 @@ __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockIn
            "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear"]
 
 
-def prepare_sequence(model: Any, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
+def prepare_sequence(model: Model, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
     """Validate one sequence (``[seq]`` or ``[1, seq]``) and return it as ``[1, seq]`` int64 on the
     model's device.  Raises ValueError for a batch of several sequences (one score map per
     sequence is the paper's setting: call the method once per sequence), for 3-D input, and for a
@@ -56,7 +56,7 @@ class BlockInputs:
         self.kwargs: dict[int, dict] = {}
 
 
-def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
+def capture_clean(model: Model, tokens: Int[Tensor, "1 seq"], names: list[str], *,
                   capture_blocks: bool = True) -> tuple[Tensor, dict[str, Tensor], BlockInputs]:
     """One clean forward: logits, the activations at hook points ``names`` (detached) and the
     block inputs.  Uses TransformerLens hooks for activations and plain torch forward-pre-hooks
@@ -86,7 +86,7 @@ def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
     return logits.detach(), acts, inputs
 
 
-def run_blocks_from(model: Any, resid: Float[Tensor, "batch seq d_model"], start: int,
+def run_blocks_from(model: Model, resid: Float[Tensor, "batch seq d_model"], start: int,
                     inputs: BlockInputs) -> Float[Tensor, "batch seq d_model"]:
     """Run blocks ``start .. n_layers-1`` on a residual stream (the input of block ``start``)."""
     for i in range(start, model.cfg.n_layers):
@@ -95,18 +95,18 @@ def run_blocks_from(model: Any, resid: Float[Tensor, "batch seq d_model"], start
     return resid
 
 
-def logits_at(model: Any, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+def logits_at(model: Model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
     """Final norm and unembedding of a final residual stream (only the positions passed in)."""
     return model.unembed(model.ln_final(resid))
 
 
-def w_out(model: Any) -> Float[Tensor, "layer neuron d_model"]:
+def w_out(model: Model) -> Float[Tensor, "layer neuron d_model"]:
     """Value vectors v_i^l (Chang et al. Eq. 2-3): row i of ``W_out[l]`` is what neuron i writes
     into the residual stream per unit of activation."""
     return model.W_out.detach()
 
 
-def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: float = 1e-4) -> bool:
+def mlp_out_is_linear(model: Model, acts: dict[str, Tensor], layer: int, *, atol: float = 1e-4) -> bool:
     """Whether ``hook_mlp_out == hook_post @ W_out + b_out`` holds in this model's coordinates
     (true for unprocessed weights; checked before relying on it)."""
     h = acts[neuron_hook_name(layer)]

@@ -11,13 +11,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..borrow import borrowed
-from ..models import layer_hooks
+from ..models import Model, layer_hooks
 from ._common import memorization_loss, prepare_sequence, suffix_positions
 
 __all__ = ["attribution_patching"]
 
 
-def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
+def attribution_patching(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
                          prefix_len: int) -> Float[Tensor, "layer neuron"]:
     """Linear estimate of ZERO-OUT's score (Chang et al. Eq. 7) from one forward and one backward.
 

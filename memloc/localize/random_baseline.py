@@ -9,12 +9,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import check_seed
+from ..models import Model
 from ._common import prepare_sequence
 
 __all__ = ["random_scores"]
 
 
-def random_scores(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def random_scores(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                   seed: int = 0) -> Float[Tensor, "layer neuron"]:
     """RANDOM baseline: i.i.d. U(0, 1) scores per neuron from a ``torch.Generator`` seeded with
     ``seed`` (the global RNG is untouched); the input is validated like every method's but not used
