@@ -204,7 +204,7 @@ def perplexity(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size: int 
 
 
 def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
-                 counts: Sequence[int] | Tensor | None = None, batch_size: int = 64, levenshtein: bool = True,
+                 counts: Sequence[int] | np.ndarray | Tensor | None = None, batch_size: int = 64, levenshtein: bool = True,
                  progress_bar: bool = True) -> pd.DataFrame:
     """Per-paragraph memorization metrics as a tidy DataFrame.
 

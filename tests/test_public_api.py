@@ -89,7 +89,7 @@ def _patching(m, d):
     from memloc.patching import activation_patching
     pmp = d.x.clone()
     pmp[:, 3] = (pmp[:, 3] + 1) % m.cfg.d_vocab
-    activation_patching(m, d.x, pmp, torch.tensor([3, 3]), torch.tensor([P, P]), P, components=("resid_pre",),
+    activation_patching(m, d.x, pmp, torch.tensor([3, 3]), torch.tensor([1, 1]), P, components=("resid_pre",),
                         progress_bar=False)
 
 
