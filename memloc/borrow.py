@@ -14,7 +14,7 @@ import torch
 
 from .models import Model
 
-__all__ = ["borrowed"]
+__all__ = ["borrowed", "trainable_only"]
 
 _DIRS: tuple[Literal["fwd", "bwd"], ...] = ("fwd", "bwd")
 
@@ -64,6 +64,16 @@ def _remove_added_hooks(model: Model, before: dict) -> None:
                 h.hook.remove()
                 lst = hp.fwd_hooks if d == "fwd" else hp.bwd_hooks
                 lst[:] = [x for x in lst if x is not h]
+
+
+def trainable_only(model: Model, names: Iterable[str] = ()) -> None:
+    """``requires_grad`` on exactly the parameters ``names`` (none: the whole model frozen, e.g. when
+    only activations need gradients).  Use inside :func:`borrowed`, which restores the flags."""
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_seed, check_tokens
 from ._progress import progress
-from .borrow import borrowed
+from .borrow import borrowed, trainable_only
 from .gradients import parameter_components
 from .metrics import em_from_generations, greedy_continuation, suffix_nll, teacher_forced
 
@@ -442,10 +442,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
         names = eligible_parameters(model)
         params = dict(model.named_parameters())
         theta0 = {n: q.detach().clone() for n, q in params.items()} if return_state else None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:
-            params[n].requires_grad_(True)
+        trainable_only(model, names)
         with torch.no_grad():
             nmp_ref = greedy_continuation(model, nmp, prefix_len, batch_size=batch_size).to(nmp.device)
         ref = reference_logits(model, nmp, prefix_len, batch_size=batch_size)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_layers, check_positive_int, check_tokens
 from ._progress import progress
-from .borrow import borrowed
+from .borrow import borrowed, trainable_only
 from .components import ATTN_COMPONENTS, MLP_COMPONENTS, ParamComponent, parameter_components
 from .metrics import suffix_nll
 from .models import Model, hook_name
@@ -137,10 +137,7 @@ def parameter_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: 
     batches = [slice(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
     with borrowed(model):
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for nm in names:
-            params[nm].requires_grad_(True)
+        trainable_only(model, names)
         if per_paragraph:
             values = _per_sample_scores(model, tokens, prefix_len, comps, names, batches, pooling, progress_bar)
             return _param_frame(comps, values, list(range(n)))
@@ -356,8 +353,7 @@ def activation_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len:
     frames = []
     with borrowed(model):
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        trainable_only(model)
         for start in progress(range(0, n, batch_size), enabled=progress_bar, desc="activation gradients"):
             x = tokens[start:start + batch_size]
             acts: dict[str, Tensor] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memloc.borrow import borrowed
+from memloc.borrow import borrowed, trainable_only
 
 from .conftest import assert_same_state, model_state
 
@@ -129,4 +129,15 @@ def test_flags_requires_grad_and_weights(tiny):
             for p in tiny.parameters():
                 p.mul_(0)
         raise RuntimeError("boom")
+    assert_same_state(tiny, before)
+
+
+def test_trainable_only(tiny):
+    names = [n for n, _ in tiny.named_parameters()][:2]
+    before = model_state(tiny)
+    with borrowed(tiny):
+        trainable_only(tiny, names)
+        assert [n for n, p in tiny.named_parameters() if p.requires_grad] == names
+        trainable_only(tiny)
+        assert not any(p.requires_grad for p in tiny.parameters())
     assert_same_state(tiny, before)

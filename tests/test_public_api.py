@@ -75,6 +75,12 @@ def _borrowed(m, d):
             next(m.parameters()).add_(1.0)
 
 
+def _trainable_only(m, d):
+    from memloc.borrow import borrowed, trainable_only
+    with borrowed(m):
+        trainable_only(m, [next(iter(dict(m.named_parameters())))])
+
+
 def _capture_and_replay(m, d):
     from memloc.localize._common import capture_clean, mlp_out_is_linear, run_blocks_from
     names = [memloc.models.neuron_hook_name(0), memloc.models.hook_name("mlp_out", 0),
@@ -119,6 +125,7 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.benchmarks.tuning.tune_del": lambda m, d: _c("memloc.benchmarks.tuning.tune_del")(
         m, "random", {"seed": [0, 1]}, d.x, P, random_tokens=d.nmp, progress_bar=False),
     "memloc.borrow.borrowed": _borrowed,
+    "memloc.borrow.trainable_only": _trainable_only,
     "memloc.contrastive.continuation_logits": lambda m, d: _c("memloc.contrastive.continuation_logits")(m, d.x, P),
     "memloc.contrastive.contrastive_gradients": lambda m, d: _c("memloc.contrastive.contrastive_gradients")(
         m, d.x, d.nmp, P, n_nmp_per_batch=2, progress_bar=False),

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..borrow import borrowed
+from ..borrow import borrowed, trainable_only
 from ..models import Model, layer_hooks
 from ._common import memorization_loss, prepare_sequence, suffix_positions
 
@@ -33,8 +33,7 @@ def attribution_patching(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     with borrowed(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        trainable_only(model)
         n_layers = model.cfg.n_layers
         leaves: dict[int, Tensor] = {}
 
