@@ -20,15 +20,17 @@ _DIRS: tuple[Literal["fwd", "bwd"], ...] = ("fwd", "bwd")
 
 
 def _handles(model: Model) -> dict[tuple[int, str], tuple[Any, list[Any]]]:
-    """Every hook function on the model, per (hook point, direction): ``(HookPoint, [LensHandle])``,
-    read through TransformerLens's ``list_hooks`` (aliases resolve to the same hook point and are
-    counted once)."""
-    hook_dict = model.hook_dict
+    """Every hook function on the model, per (hook point, direction): ``(HookPoint, [LensHandle])``.
+
+    Walks the bridge's canonical hook registry (``model.hook_points()``; aliases are the same
+    objects) and reads the handles of the hook points whose ``has_hooks`` says they have any."""
     out: dict = {}
-    for d in _DIRS:
-        for name, handles in model.list_hooks(dir=d, including_permanent=True).items():
-            hp = hook_dict[name]
-            out.setdefault((id(hp), d), (hp, list(handles)))
+    for hp in model.hook_points():
+        if not hp.has_hooks("both", including_permanent=True):
+            continue
+        for d, handles in (("fwd", hp.fwd_hooks), ("bwd", hp.bwd_hooks)):
+            if handles:
+                out[(id(hp), d)] = (hp, list(handles))
     return out
 
 
