@@ -36,7 +36,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Real
 from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_layers, check_positive_int, check_tokens
@@ -208,7 +208,7 @@ def _check_frequencies(frequencies: Any, d_vocab: int) -> Float[Tensor, "vocab"]
     return freq
 
 
-def frequency_ranks(prefix: Int[Tensor, "n prefix"], frequencies: Float[Tensor, "vocab"], *,
+def frequency_ranks(prefix: Int[Tensor, "n prefix"], frequencies: Real[Tensor, "vocab"], *,
                     ties: Literal["min", "dense"] = "min") -> Int[Tensor, "n prefix"]:
     """Rank each prefix token by corpus frequency within its paragraph (Stoehr et al. §6.3).
 
@@ -283,7 +283,7 @@ def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor,
 
 
 def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
-                         frequencies: Float[Tensor, "vocab"], *, layer: int | Sequence[int] | None = None,
+                         frequencies: Real[Tensor, "vocab"], *, layer: int | Sequence[int] | None = None,
                          ties: Literal["min", "dense"] = "min", batch_size: int = 32,
                          attention: Float[Tensor, "n layer head prefix"] | None = None,
                          progress_bar: bool = True) -> pd.DataFrame:
@@ -428,7 +428,7 @@ def _value_gradient_per_head(df: pd.DataFrame, prefix_len: int) -> pd.DataFrame:
 
 
 def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], nonmemorized: Int[Tensor, "m seq"],
-                            prefix_len: int, *, frequencies: Float[Tensor, "vocab"] | None = None,
+                            prefix_len: int, *, frequencies: Real[Tensor, "vocab"] | None = None,
                             evidence: Sequence[str] = EVIDENCE, ties: Literal["min", "dense"] = "min",
                             method: Literal["pearson", "spearman"] = "pearson",
                             contrastive: pd.DataFrame | None = None,

@@ -161,7 +161,7 @@ def test_make_pmps_selection_hand_case(neo):
     gens = torch.zeros(2, 3, 1, T, dtype=torch.long)
     gens[0, 2, 0] = torch.tensor([4, 30, 31])
     res = PerturbationResult(samples=samples, profile=samples, clean=pd.DataFrame({"paragraph": [0, 1]}),
-                             clean_generation=x[:, 3:], generations=gens, replacements=torch.zeros(2, 3, 1),
+                             clean_generation=x[:, 3:], generations=gens, replacements=torch.zeros(2, 3, 1, dtype=torch.long),
                              positions=[0, 1, 2], prefix_len=3)
     p = make_pmps(neo, x, 3, result=res)
     assert len(p) == 1 and p.table.paragraph.tolist() == [0]
