@@ -37,6 +37,7 @@ gallery: install
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
-# JupyterLab (dev extras, with ipywidgets so progress bars render) on the walk-through notebooks
+# JupyterLab (the notebooks extra, with ipywidgets so progress bars render) on the walk-through notebooks
 notebooks: install
+	$(BIN)/pip install --quiet -e ".[dev,notebooks]"
 	$(BIN)/jupyter lab notebooks/

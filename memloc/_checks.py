@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,3 +75,66 @@ def check_choice(value: Any, name: str, choices: tuple) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_float(value: Any, name: str, *, positive: bool = True) -> float:
+    """A real number that is > 0 (``positive=True``) or >= 0; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and not value > 0) or value < 0:
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any, name: str = "seed", *, non_negative: bool = False) -> int:
+    """A random seed: an int (``non_negative=True``: >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (non_negative and value < 0):
+        raise ValueError(f"{name} must be {'a non-negative' if non_negative else 'an'} int, got {value!r}")
+    return value
+
+
+def check_start_layer(model: Any, start_layer: Any) -> int:
+    """A layer index in ``0..n_layers-1`` (the first layer a method masks or scores)."""
+    n = model.cfg.n_layers
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n:
+        raise ValueError(f"start_layer must be an int in 0..{n - 1}, got {start_layer!r}")
+    return start_layer
+
+
+def check_layers(model: Any, layers: Any, name: str = "layers") -> list[int]:
+    """Layers to work on: ``None`` (all), one int, or a non-empty sequence of distinct ints in
+    ``0..n_layers-1``; returned as a list of ints in the order given."""
+    n_layers = int(model.cfg.n_layers)
+    if layers is None:
+        return list(range(n_layers))
+    expected = f"{name} must be None, an int or a sequence of distinct ints in 0..{n_layers - 1}, got {layers!r}"
+    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    if isinstance(layers, Tensor):
+        layers = layers.tolist()
+    items = [layers] if is_int(layers) else layers
+    if isinstance(items, (str, bytes)):
+        raise ValueError(expected)
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(expected) from None
+    if not items:
+        raise ValueError(f"{name} must name at least one layer, got an empty sequence")
+    if any(not is_int(li) or not 0 <= int(li) < n_layers for li in items):
+        raise ValueError(expected)
+    out = [int(li) for li in items]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} repeats a layer: {layers!r}")
+    return out
+
+
+def check_number(value: Any, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+            hi_open: bool = False, what: str = "") -> float:
+    """``value`` as a float if it is a finite number in the interval [lo, hi] (open ends with
+    ``lo_open`` / ``hi_open``); otherwise a ValueError naming ``name``, the interval and ``what``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {rng}{what}, got {value!r}")
+    return float(value)

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
-from .models import neuron_hook_name
+from .models import layer_hooks, neuron_hook_name
 
 __all__ = ["select_top_k", "ablate", "mean_activations", "n_selected"]
 
@@ -90,15 +90,15 @@ def mean_activations(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size
     check_positive_int(batch_size, "batch_size")
     n_layers, d = model.cfg.n_layers, model.cfg.d_mlp
     total = torch.zeros(n_layers, d, dtype=torch.float64)
-    names = {neuron_hook_name(l): l for l in range(n_layers)}
     count = 0
 
-    def hook(act, hook):
-        total[names[hook.name]] += act.double().sum(dim=(0, 1)).cpu()
+    def hook(act, hook, *, layer):
+        total[layer] += act.double().sum(dim=(0, 1)).cpu()
 
+    hooks = layer_hooks("post", range(n_layers), hook)
     for i in range(0, len(tokens), batch_size):
         x = tokens[i:i + batch_size]
-        model.run_with_hooks(x, fwd_hooks=[(n, hook) for n in names])
+        model.run_with_hooks(x, fwd_hooks=hooks)
         count += x.numel()
     return (total / count).float()
 

@@ -34,16 +34,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_tokens
+from ._checks import check_choice, check_fraction, check_positive_int, check_prefix_len, check_seed, check_tokens
 from ._deprecation import renamed_kwargs
 from ._progress import progress
-from .borrow import borrowed
+from .borrow import borrowed, trainable_only
 from .gradients import parameter_components
-from .metrics import em_from_generations, greedy_continuation, teacher_forced
+from .metrics import em_from_generations, greedy_continuation, suffix_nll, teacher_forced
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +134,6 @@ def reference_logits(model: Any, non_memorized: Int[Tensor, "N seq"], prefix_len
     return torch.cat(out).detach()
 
 
-def _mean_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean()
-
-
 def _mean_kl(logits: Tensor, ref: Tensor) -> Tensor:
     """Mean over (paragraph, position) of KL(p_θ ‖ p_θ₀), summed over the vocabulary."""
     logp = logits.log_softmax(-1)
@@ -183,7 +178,7 @@ def contrastive_loss(model: Any, memorized: Int[Tensor, "n seq"], prefix_len: in
     else:
         target_logits = continuation_logits(model, target, prefix_len)
         nmp_logits = continuation_logits(model, nmp, prefix_len)
-    nll = _mean_nll(target_logits, target[:, prefix_len:])
+    nll = suffix_nll(target_logits, target[:, prefix_len:]).mean()
     kl = _mean_kl(nmp_logits, ref)
     loss = (-nll if objective == "unlearn" else nll) + kl
     if return_terms:
@@ -247,8 +242,7 @@ def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], non_memor
         raise ValueError(f"n_nmp_per_batch={n_nmp_per_batch} exceeds the {len(nmp)} NMPs given")
     check_choice(pooling, "pooling", POOLINGS)
     check_choice(aggregate, "aggregate", ("gradient", "score"))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     with borrowed(model):
         names = eligible_parameters(model)
@@ -328,8 +322,7 @@ def _check_finetune_args(model, memorized, non_memorized, prefix_len, objective,
     edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_choice(mask, "mask", MASKS)
     check_fraction(fraction, "fraction")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     return mp, nmp, edit_seq
 
 
@@ -514,7 +507,7 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: 
 def _co_from_logits(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Tensor, prefix_len: int,
                     objective: str) -> Tensor:
     """Stoehr Eq. 3 / 4 from continuation logits (the arithmetic of :func:`contrastive_loss`)."""
-    nll = _mean_nll(target_logits, target[:, prefix_len:])
+    nll = suffix_nll(target_logits, target[:, prefix_len:]).mean()
     kl = _mean_kl(nmp_logits, ref)
     return (-nll if objective == "unlearn" else nll) + kl
 
@@ -526,10 +519,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
         names = eligible_parameters(model)
         params = dict(model.named_parameters())
         theta0 = {n: q.detach().clone() for n, q in params.items()} if return_state else None
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:
-            params[n].requires_grad_(True)
+        trainable_only(model, names)
         if nmp_ref is None:
             with torch.no_grad():
                 nmp_ref = greedy_continuation(model, nmp, prefix_len, batch_size=batch_size)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ._checks import check_choice
+from .models import Model
 
 __all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts",
            "random_sequences", "tuned_hyperparameters", "tuning_dev_ids",
@@ -191,7 +192,7 @@ def load_ecbd(which: str = "2021") -> list[str]:
     return out
 
 
-def tokenize_texts(model: Any, texts: list[str], *, max_len: int | None = None, min_len: int = 2) -> list[Tensor]:
+def tokenize_texts(model: Model, texts: list[str], *, max_len: int | None = None, min_len: int = 2) -> list[Tensor]:
     """Tokenize texts with the model's tokenizer (no BOS), each truncated to ``max_len`` tokens
     (default: the model's context).  Returns a list of 1-D int64 tensors (lengths differ)."""
     tok = getattr(model, "tokenizer", None)

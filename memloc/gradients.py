@@ -32,20 +32,20 @@ Activation gradients (Eq. 5)
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ._checks import check_choice, check_positive_int, check_tokens
+from ._checks import check_choice, check_layers, check_positive_int, check_tokens
 from ._progress import progress
-from .borrow import borrowed
+from .borrow import borrowed, trainable_only
+from .components import ATTN_COMPONENTS, MLP_COMPONENTS, ParamComponent, parameter_components
+from .metrics import suffix_nll
+from .models import Model, hook_name
 
 __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
            "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
@@ -53,169 +53,8 @@ __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "par
 
 Pooling = Literal["max", "sum", "mean"]
 POOLINGS = ("max", "sum", "mean")
-ATTN_COMPONENTS = ("W_Q", "W_K", "W_V", "W_O")
-MLP_COMPONENTS = ("W_in", "W_gate", "W_out")
 #: Stoehr et al. Fig. 9 EM bins (inclusive bounds).
 EM_BINS = ((0, 10), (11, 29), (30, 49), (50, 50))
-
-
-# ---------------------------------------------------------------------------------------------
-# parameter layout: which slice of which parameter is W_Q of head h in layer l
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParamComponent:
-    """One component (Stoehr §5: ``c`` in ``theta in R^{L x C x D*}``) of one layer.
-
-    Attributes:
-        layer: block index.
-        component: ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_in``, ``W_gate`` or ``W_out``.
-        head: attention head (key/value head for grouped-query ``W_K``/``W_V``); -1 for MLP weights.
-        name: name of the parameter in ``model.named_parameters()``.
-        param: the parameter itself.
-        index: slicer selecting the component's weights in ``param`` (and in its gradient).
-        orientation: ``"out_in"`` (torch Linear ``[out, in]``) or ``"in_out"`` (GPT-2 Conv1D ``[in, out]``).
-    """
-
-    layer: int
-    component: str
-    head: int
-    name: str
-    param: Any
-    index: tuple
-    orientation: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.component} H{self.head}" if self.head >= 0 else self.component
-
-    def block(self, tensor: Tensor | None = None) -> Tensor:
-        """The component's weights (or the same slice of ``tensor``, e.g. a gradient)."""
-        t = self.param if tensor is None else tensor
-        return t[self.index]
-
-
-_Q = {"q", "q_proj", "query"}
-_K = {"k", "k_proj", "key"}
-_V = {"v", "v_proj", "value"}
-_O = {"o", "o_proj", "out_proj", "c_proj", "dense", "wo"}
-_FUSED = {"qkv", "c_attn", "query_key_value", "wqkv"}
-_IN = {"c_fc", "fc_in", "dense_h_to_4h", "up_proj", "fc1", "w1", "in"}
-_GATE = {"gate_proj", "gate", "w3"}
-_OUT = {"c_proj", "fc_out", "dense_4h_to_h", "down_proj", "fc2", "w2", "out"}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
-
-
-def _clean(name: str) -> list[str]:
-    return [p for p in name.split(".") if p != "_original_component"]
-
-
-def _orientation(module: Any) -> str:
-    return "in_out" if type(module).__name__ == "Conv1D" else "out_in"
-
-
-def _head_slices(orient: str, n: int, d_head: int, axis_role: str, offset: int = 0, stride: int | None = None):
-    """Slicers of ``n`` head blocks of ``d_head`` along the output (``axis_role="out"``) or input axis."""
-    out = []
-    for h in range(n):
-        start = offset + h * (stride if stride is not None else d_head)
-        sl = slice(start, start + d_head)
-        out_axis = 0 if orient == "out_in" else 1
-        axis = out_axis if axis_role == "out" else 1 - out_axis
-        out.append((slice(None), sl) if axis == 1 else (sl, slice(None)))
-    return out
-
-
-def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[ParamComponent]:
-    """Map the bridge's parameters to Stoehr's per-layer, per-head components (§5, Fig. 4).
-
-    Works on the Hugging Face parameters the TransformerBridge exposes (``model.named_parameters()``):
-    separate q/k/v/o projections (GPT-Neo ``q_proj``..., the bridge's split ``q/k/v/o`` of GPT-2
-    and GPT-NeoX, Llama ``q_proj``... with grouped-query ``k_proj``/``v_proj`` of
-    ``n_key_value_heads`` heads), fused projections when no split ones exist (GPT-2 ``c_attn``
-    Conv1D ``[d_model, 3 d_model]`` laid out q|k|v; GPT-NeoX ``query_key_value`` Linear with the
-    per-head interleaved layout ``[head, (q k v), d_head]``), torch ``Linear`` ``[out, in]`` and GPT-2
-    ``Conv1D`` ``[in, out]`` orientations, and MLP ``W_in``/``W_gate``/``W_out``.  Embeddings,
-    unembedding, biases and norm weights are excluded (Stoehr §5.2).
-
-    Returns:
-        One :class:`ParamComponent` per (layer, component, head), ordered by layer, then
-        ``W_Q, W_K, W_V, W_O`` (heads ascending), ``W_in, W_gate, W_out``.
-
-    ``prefer_fused=True`` maps q/k/v from the fused projection even where split ones exist (the
-    TransformerBridge keeps GPT-2's/NeoX's original fused weight beside the split ones it runs;
-    only the split ones receive gradients, so this is for inspecting weights, not for gradients).
-
-    Raises:
-        ValueError: if some layer's attention or MLP weights cannot be identified.
-    """
-    cfg = model.cfg
-    n_layers, n_heads, d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-    arch = (str(getattr(cfg, "original_architecture", "") or "") + type(getattr(model, "original_model", model)).__name__)
-    interleaved = "NeoX" in arch or "neox" in arch.lower()
-    found: dict[int, dict[str, tuple[str, Any, str]]] = {l: {} for l in range(n_layers)}
-    for name, param in model.named_parameters():
-        if not name.endswith("weight") or param.ndim != 2:
-            continue
-        m = _LAYER_RE.search(name)
-        if m is None:
-            continue
-        layer = int(m.group(1))
-        if layer not in found:
-            continue
-        parts = _clean(name)
-        leaf = parts[-2]
-        context = parts[:-2]
-        in_attn = any("attn" in p or "attention" in p for p in context)
-        in_mlp = any("mlp" in p or p == "feed_forward" for p in context)
-        module = model.get_submodule(name[: -len(".weight")])
-        orient = _orientation(module)
-        if in_attn:
-            key = ("W_Q" if leaf in _Q else "W_K" if leaf in _K else "W_V" if leaf in _V else
-                   "W_O" if leaf in _O else "fused" if leaf in _FUSED else None)
-        elif in_mlp:
-            key = "W_in" if leaf in _IN else "W_gate" if leaf in _GATE else "W_out" if leaf in _OUT else None
-        else:
-            key = None
-        if key is not None:
-            found[layer][key] = (name, param, orient)
-
-    comps: list[ParamComponent] = []
-    for layer in range(n_layers):
-        f = found[layer]
-        split = all(k in f for k in ("W_Q", "W_K", "W_V")) and not (prefer_fused and "fused" in f)
-        if not split and "fused" not in f:
-            raise ValueError(f"parameter_components: cannot find the q/k/v weights of layer {layer} "
-                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
-        if "W_O" not in f or "W_in" not in f or "W_out" not in f:
-            raise ValueError(f"parameter_components: cannot find W_O/W_in/W_out of layer {layer} "
-                             f"(found {sorted(f)}); unsupported architecture {arch!r}")
-        if split:
-            for comp, n in (("W_Q", n_heads), ("W_K", n_kv), ("W_V", n_kv)):
-                name, p, orient = f[comp]
-                for h, idx in enumerate(_head_slices(orient, n, d_head, "out")):
-                    comps.append(ParamComponent(layer, comp, h, name, p, idx, orient))
-        else:
-            name, p, orient = f["fused"]
-            for c_i, comp in enumerate(("W_Q", "W_K", "W_V")):
-                if interleaved:  # NeoX: rows [head, (q, k, v), d_head]
-                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * d_head, stride=3 * d_head)
-                else:            # GPT-2: columns q | k | v, each [head, d_head]
-                    idx = _head_slices(orient, n_heads, d_head, "out", offset=c_i * n_heads * d_head)
-                for h, sl in enumerate(idx):
-                    comps.append(ParamComponent(layer, comp, h, name, p, sl, orient))
-        # keep W_Q, W_K, W_V, W_O order with heads ascending
-        name, p, orient = f["W_O"]
-        for h, idx in enumerate(_head_slices(orient, n_heads, d_head, "in")):
-            comps.append(ParamComponent(layer, "W_O", h, name, p, idx, orient))
-        for comp in MLP_COMPONENTS:
-            if comp in f:
-                name, p, orient = f[comp]
-                comps.append(ParamComponent(layer, comp, -1, name, p, (slice(None), slice(None)), orient))
-    order = {c: i for i, c in enumerate(ATTN_COMPONENTS + MLP_COMPONENTS)}
-    comps.sort(key=lambda c: (c.layer, order[c.component], c.head))
-    return comps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +63,9 @@ def parameter_components(model: Any, *, prefer_fused: bool = False) -> list[Para
 
 def continuation_loss(logits: Float[Tensor, "batch seq vocab"], tokens: Int[Tensor, "batch seq"],
                       prefix_len: int) -> Float[Tensor, "batch"]:
-    """Per-paragraph mean NLL of the continuation ``tokens[:, prefix_len:]`` (Stoehr §3.2 L_NLL, N = 1)."""
-    pred = logits[:, prefix_len - 1:-1].float()
-    return F.cross_entropy(pred.transpose(1, 2), tokens[:, prefix_len:], reduction="none").mean(1)
+    """Per-paragraph mean NLL of the continuation ``tokens[:, prefix_len:]`` (Stoehr §3.2 L_NLL, N = 1)
+    from a full forward's logits: :func:`memloc.metrics.suffix_nll` at the suffix positions."""
+    return suffix_nll(logits[:, prefix_len - 1:-1], tokens[:, prefix_len:])
 
 
 def _pool(x: Tensor, pooling: str, dims: tuple[int, ...]) -> Tensor:
@@ -238,7 +77,7 @@ def _pool(x: Tensor, pooling: str, dims: tuple[int, ...]) -> Tensor:
     return a.mean(dim=dims)
 
 
-def _check_common(model: Any, tokens: Any, prefix_len: int, pooling: str, batch_size: int) -> Tensor:
+def _check_common(model: Model, tokens: Any, prefix_len: int, pooling: str, batch_size: int) -> Tensor:
     tokens = check_tokens(model, tokens, prefix_len)
     check_choice(pooling, "pooling", POOLINGS)
     check_positive_int(batch_size, "batch_size")
@@ -268,7 +107,7 @@ def _param_frame(comps: list[ParamComponent], values: Tensor, paragraphs: Sequen
 # parameter gradients
 # ---------------------------------------------------------------------------------------------
 
-def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *, pooling: Pooling = "max",
+def parameter_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *, pooling: Pooling = "max",
                         per_paragraph: bool = False, batch_size: int = 8,
                         progress_bar: bool = True) -> pd.DataFrame:
     """Parameter gradient attribution scores per layer x component (x head) (Stoehr Eq. 1-2, Fig. 4).
@@ -298,10 +137,7 @@ def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: in
     batches = [slice(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
     with borrowed(model):
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for nm in names:
-            params[nm].requires_grad_(True)
+        trainable_only(model, names)
         if per_paragraph:
             values = _per_sample_scores(model, tokens, prefix_len, comps, names, batches, pooling, progress_bar)
             return _param_frame(comps, values, list(range(n)))
@@ -317,7 +153,7 @@ def parameter_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: in
     return _param_frame(comps, values, None)
 
 
-def _per_sample_scores(model: Any, tokens: Tensor, prefix_len: int, comps: list[ParamComponent], names: list[str],
+def _per_sample_scores(model: Model, tokens: Tensor, prefix_len: int, comps: list[ParamComponent], names: list[str],
                        batches: list[slice], pooling: str, progress_bar: bool) -> Tensor:
     """Per-paragraph pooled scores from per-sample weight gradients ``sum_pos x^T dL_n/dy`` of each linear module."""
     by_name: dict[str, list[int]] = {}
@@ -375,7 +211,7 @@ def em_bins(em: Sequence[int] | Tensor | pd.Series, bins: Sequence[tuple[int, in
     return labels
 
 
-def parameter_gradients_by_group(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
+def parameter_gradients_by_group(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int,
                                  groups: Sequence | pd.Series, *, pooling: Pooling = "max",
                                  max_per_group: int | None = None, batch_size: int = 8,
                                  progress_bar: bool = True) -> pd.DataFrame:
@@ -456,25 +292,26 @@ def attention_mlp_totals(df: pd.DataFrame, *, by: Sequence[str] = ()) -> pd.Data
 # activation gradients
 # ---------------------------------------------------------------------------------------------
 
-#: component -> (hook name template, per-head?)
+#: component -> (TransformerLens activation name, per-head?); the hook point of layer l is
+#: ``memloc.models.hook_name(activation, l)`` (e.g. ``"mlp_pre"`` -> ``blocks.{l}.mlp.hook_pre``).
 ACTIVATION_COMPONENTS: dict[str, tuple[str, bool]] = {
-    "q": ("blocks.{l}.attn.hook_q", True),
-    "k": ("blocks.{l}.attn.hook_k", True),
-    "v": ("blocks.{l}.attn.hook_v", True),
-    "z": ("blocks.{l}.attn.hook_z", True),
-    "result": ("blocks.{l}.hook_attn_out", True),
-    "attn_out": ("blocks.{l}.hook_attn_out", False),
-    "mlp_pre": ("blocks.{l}.mlp.hook_pre", False),
-    "mlp_post": ("blocks.{l}.mlp.hook_post", False),
-    "resid_pre": ("blocks.{l}.hook_resid_pre", False),
-    "resid_mid": ("blocks.{l}.hook_resid_mid", False),
-    "resid_post": ("blocks.{l}.hook_resid_post", False),
+    "q": ("q", True),
+    "k": ("k", True),
+    "v": ("v", True),
+    "z": ("z", True),
+    "result": ("attn_out", True),
+    "attn_out": ("attn_out", False),
+    "mlp_pre": ("pre", False),
+    "mlp_post": ("post", False),
+    "resid_pre": ("resid_pre", False),
+    "resid_mid": ("resid_mid", False),
+    "resid_post": ("resid_post", False),
 }
 DEFAULT_ACTIVATION_COMPONENTS = ("q", "k", "v", "z", "attn_out", "mlp_pre", "mlp_post", "resid_pre", "resid_mid",
                                  "resid_post")
 
 
-def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def activation_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                          components: Sequence[str] = DEFAULT_ACTIVATION_COMPONENTS,
                          layers: Sequence[int] | None = None, pooling: Pooling = "max", batch_size: int = 8,
                          progress_bar: bool = True) -> pd.DataFrame:
@@ -505,25 +342,20 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     bad = [c for c in comps if c not in ACTIVATION_COMPONENTS]
     if bad:
         raise ValueError(f"components {bad} are not among {tuple(ACTIVATION_COMPONENTS)}")
-    n_layers = int(model.cfg.n_layers)
-    lays = list(range(n_layers)) if layers is None else [int(l) for l in layers]
-    if not lays or any(not 0 <= l < n_layers for l in lays):
-        raise ValueError(f"layers must be a non-empty list of layers in 0..{n_layers - 1}, got {layers!r}")
+    lays = check_layers(model, layers)
     if tuple(comps) == DEFAULT_ACTIVATION_COMPONENTS:  # e.g. parallel-attention models have no resid_mid
-        comps = [c for c in comps if all(ACTIVATION_COMPONENTS[c][0].format(l=l) in model.hook_dict for l in lays)]
-    hook_names = sorted({ACTIVATION_COMPONENTS[c][0].format(l=l) for c in comps for l in lays})
+        comps = [c for c in comps if all(hook_name(ACTIVATION_COMPONENTS[c][0], l) in model.hook_dict for l in lays)]
+    hook_names = sorted({hook_name(ACTIVATION_COMPONENTS[c][0], l) for c in comps for l in lays})
     missing = [h for h in hook_names if h not in model.hook_dict]
     if missing:
         raise ValueError(f"components: the model has no hook points {missing}")
-    n, seq = tokens.shape
+    n = len(tokens)
     frames = []
     with borrowed(model):
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        trainable_only(model)
         for start in progress(range(0, n, batch_size), enabled=progress_bar, desc="activation gradients"):
             x = tokens[start:start + batch_size]
-            b = x.shape[0]
             acts: dict[str, Tensor] = {}
 
             def grad_leaf(act, hook):  # make everything downstream differentiable
@@ -533,32 +365,42 @@ def activation_gradients(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
                 acts[name] = act
                 return act
 
-            fwd = [("blocks.0.hook_resid_pre", grad_leaf)] + [
+            fwd = [(hook_name("resid_pre", 0), grad_leaf)] + [
                 (h, lambda act, hook, name=h: capture(act, hook, name)) for h in hook_names]
             with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
                 loss = continuation_loss(model(x), x, prefix_len).sum()
                 names = [h for h in hook_names if h in acts]
                 grads = torch.autograd.grad(loss, [acts[h] for h in names], allow_unused=True)
             gmap = {h: (torch.zeros_like(acts[h]) if g is None else g) for h, g in zip(names, grads)}
-            for c in comps:
-                tmpl, per_head = ACTIVATION_COMPONENTS[c]
-                for l in lays:
-                    g = gmap[tmpl.format(l=l)].detach().float()
-                    if per_head and c != "result":
-                        vals = _pool(g, pooling, (3,))                        # [b, pos, head]
-                    else:
-                        vals = _pool(g, pooling, (2,)).unsqueeze(-1)          # [b, pos, 1]
-                        if c == "result":
-                            vals = vals.expand(b, seq, int(model.cfg.n_heads))
-                    H = vals.shape[-1]
-                    heads = np.arange(H) if (per_head or c == "result") else np.array([-1])
-                    v = vals.permute(0, 2, 1).cpu().numpy()                  # [b, head, pos]
-                    ii, hh, pp = np.meshgrid(np.arange(b), np.arange(H), np.arange(seq), indexing="ij")
-                    frames.append(pd.DataFrame({
-                        "paragraph": start + ii.ravel(), "layer": l, "component": c,
-                        "head": heads[hh.ravel()], "position": pp.ravel(), "value": v.ravel().astype(np.float64)}))
+            frames += _activation_frames(gmap, comps, lays, pooling, start, int(model.cfg.n_heads))
     out = pd.concat(frames, ignore_index=True)
     return out.sort_values(["paragraph", "layer", "component", "head", "position"], kind="stable").reset_index(drop=True)
+
+
+def _activation_frames(gmap: dict[str, Tensor], comps: list[str], lays: list[int], pooling: str, start: int,
+                       n_heads: int) -> list[pd.DataFrame]:
+    """Tidy rows of one batch: the activation gradients ``gmap`` (hook name -> [b, pos, (head,) d])
+    |.|-pooled over the hidden dimension, for paragraphs ``start .. start + b - 1``."""
+    frames = []
+    for c in comps:
+        act_name, per_head = ACTIVATION_COMPONENTS[c]
+        for l in lays:
+            g = gmap[hook_name(act_name, l)].detach().float()
+            b, seq = g.shape[:2]
+            if per_head and c != "result":
+                vals = _pool(g, pooling, (3,))                        # [b, pos, head]
+            else:
+                vals = _pool(g, pooling, (2,)).unsqueeze(-1)          # [b, pos, 1]
+                if c == "result":
+                    vals = vals.expand(b, seq, n_heads)
+            H = vals.shape[-1]
+            heads = np.arange(H) if (per_head or c == "result") else np.array([-1])
+            v = vals.permute(0, 2, 1).cpu().numpy()                  # [b, head, pos]
+            ii, hh, pp = np.meshgrid(np.arange(b), np.arange(H), np.arange(seq), indexing="ij")
+            frames.append(pd.DataFrame({
+                "paragraph": start + ii.ravel(), "layer": l, "component": c,
+                "head": heads[hh.ravel()], "position": pp.ravel(), "value": v.ravel().astype(np.float64)}))
+    return frames
 
 
 def activation_gradient_tensor(df: pd.DataFrame, component: str, *, paragraph: int | None = None

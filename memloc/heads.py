@@ -36,13 +36,14 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Real
 from torch import Tensor
 
-from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
+from ._checks import check_choice, check_fraction, check_layers, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
+from .models import hook_name, layer_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -62,35 +63,12 @@ EVIDENCE = ("contrastive", "activation", "rare")
 
 def attention_hook_name(layer: int) -> str:
     """TransformerLens hook point of layer ``layer``'s attention pattern [batch, head, query, key]."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return hook_name("pattern", layer)
 
 
 def _batches(n: int, batch_size: int):
     for i in range(0, n, batch_size):
         yield slice(i, min(n, i + batch_size))
-
-
-def _check_layers(model: Any, layer: Any, name: str = "layer") -> list[int]:
-    n_layers = int(model.cfg.n_layers)
-    if layer is None:
-        return list(range(n_layers))
-    items = [layer] if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) else layer
-    try:
-        items = list(items)
-    except TypeError:
-        raise ValueError(f"{name} must be None, an int or a sequence of ints in 0..{n_layers - 1}, "
-                         f"got {layer!r}") from None
-    if not items:
-        raise ValueError(f"{name} must name at least one layer, got an empty sequence")
-    out = []
-    for li in items:
-        if isinstance(li, bool) or not isinstance(li, (int, np.integer)) or not 0 <= int(li) < n_layers:
-            raise ValueError(f"{name} must be None, an int or a sequence of ints in 0..{n_layers - 1}, "
-                             f"got {layer!r}")
-        out.append(int(li))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name} repeats a layer: {layer!r}")
-    return out
 
 
 def _prefix_len_for_attention(model: Any, tokens: Any, prefix_len: Any) -> Tensor:
@@ -112,11 +90,10 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
                        desc="first-token attention"):
         got: dict[int, Tensor] = {}
 
-        def grab(pattern: Tensor, hook: Any) -> None:
-            layer = int(hook.name.split(".")[1])
+        def grab(pattern: Tensor, hook: Any, *, layer: int) -> None:
             got[layer] = pattern[:, :, prefix_len - 1, :prefix_len].detach().float().cpu()
 
-        fwd = [(attention_hook_name(li), grab) for li in layers]
+        fwd = layer_hooks("pattern", layers, grab)
         model.run_with_hooks(tokens[sl, :prefix_len], fwd_hooks=fwd,
                              stop_at_layer=stop if stop < int(model.cfg.n_layers) else None)
         missing = [li for li in layers if li not in got]
@@ -158,7 +135,7 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
         ValueError: bad tokens, prefix_len, layers or batch_size (before any forward pass).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    chosen = _check_layers(model, layers, "layers")
+    chosen = check_layers(model, layers, "layers")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
         out = _pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
@@ -177,7 +154,7 @@ def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix
         ``decode`` and the model has a tokenizer, ``token`` (the decoded key token).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layers, "layers")
+    layers = check_layers(model, layers, "layers")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
         att = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
@@ -235,7 +212,7 @@ def _check_frequencies(frequencies: Any, d_vocab: int) -> Float[Tensor, "vocab"]
     return freq
 
 
-def frequency_ranks(prefix: Int[Tensor, "n prefix"], frequencies: Float[Tensor, "vocab"], *,
+def frequency_ranks(prefix: Int[Tensor, "n prefix"], frequencies: Real[Tensor, "vocab"], *,
                     ties: Literal["min", "dense"] = "min") -> Int[Tensor, "n prefix"]:
     """Rank each prefix token by corpus frequency within its paragraph (Stoehr et al. §6.3).
 
@@ -311,7 +288,7 @@ def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor,
 
 @renamed_kwargs(layer="layers")
 def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
-                         frequencies: Float[Tensor, "vocab"], *, layers: int | Sequence[int] | None = None,
+                         frequencies: Real[Tensor, "vocab"], *, layers: int | Sequence[int] | None = None,
                          ties: Literal["min", "dense"] = "min", batch_size: int = 32,
                          attention: Float[Tensor, "n layer head prefix"] | None = None,
                          progress_bar: bool = True) -> pd.DataFrame:
@@ -341,7 +318,7 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         all paragraphs), ``n_paragraphs`` (paragraphs where the rank occurs), ``n`` (paragraphs).
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = _check_layers(model, layers, "layers")
+    layers = check_layers(model, layers, "layers")
     freq = _check_frequencies(frequencies, int(model.cfg.d_vocab))
     check_choice(ties, "ties", TIES)
     check_positive_int(batch_size, "batch_size")
@@ -457,7 +434,7 @@ def _value_gradient_per_head(df: pd.DataFrame, prefix_len: int) -> pd.DataFrame:
 
 @renamed_kwargs(nonmemorized="non_memorized", activation_nonmemorized="activation_non_memorized")
 def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "m seq"],
-                            prefix_len: int, *, frequencies: Float[Tensor, "vocab"] | None = None,
+                            prefix_len: int, *, frequencies: Real[Tensor, "vocab"] | None = None,
                             evidence: Sequence[str] = EVIDENCE, ties: Literal["min", "dense"] = "min",
                             method: Literal["pearson", "spearman"] = "pearson",
                             contrastive: pd.DataFrame | None = None,

@@ -31,7 +31,7 @@ from ._checks import check_choice, check_positive_int, check_tokens
 from ._progress import progress
 
 __all__ = [
-    "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
+    "suffix_nll", "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
     "exact_match", "exact_match_teacher_forced", "levenshtein_distance", "perplexity", "memorization", "split_memorization",
     "discover_memorized", "ngram_jaccard",
 ]
@@ -40,6 +40,23 @@ __all__ = [
 def _batches(n: int, batch_size: int):
     for i in range(0, n, batch_size):
         yield slice(i, min(n, i + batch_size))
+
+
+def suffix_nll(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "#batch T"], *,
+               per_token: bool = False) -> Float[Tensor, "batch"] | Float[Tensor, "batch T"]:
+    """The memorization loss (Chang et al. Eq. 6; Stoehr et al. §3.2 ``L_NLL``): NLL of the suffix
+    tokens, averaged over the suffix, one value per row.  The one implementation in memloc.
+
+    ``logits`` are those at the suffix positions only (``prefix_len - 1 .. seq - 2`` of a full
+    forward: the inputs ``[p, s_<t]`` that predict each ``s_t``), ``targets`` the suffix tokens
+    ``tokens[:, prefix_len:]`` (a single row broadcasts over the batch).  Half-precision logits
+    are upcast to float32 first.  ``per_token=True`` returns the ``[batch, T]`` token NLLs
+    instead of their mean.  Differentiable.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.expand(logits.shape[0], -1), reduction="none")
+    return nll if per_token else nll.mean(dim=1)
 
 
 @torch.no_grad()
@@ -59,7 +76,7 @@ def teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int
         x = tokens[sl]
         logits = model(x)[:, prefix_len - 1:-1].float()
         target = x[:, prefix_len:]
-        token_nll.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").cpu())
+        token_nll.append(suffix_nll(logits, target, per_token=True).cpu())
         argmax.append(logits.argmax(-1).cpu())
     token_nll_t, argmax_t = torch.cat(token_nll), torch.cat(argmax)
     target = tokens[:, prefix_len:].cpu()
@@ -205,7 +222,7 @@ def perplexity(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size: int 
 
 
 def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
-                 counts: Sequence[int] | Tensor | None = None, batch_size: int = 64, levenshtein: bool = True,
+                 counts: Sequence[int] | np.ndarray | Tensor | None = None, batch_size: int = 64, levenshtein: bool = True,
                  progress_bar: bool = True) -> pd.DataFrame:
     """Per-paragraph memorization metrics as a tidy DataFrame.
 

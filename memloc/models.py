@@ -13,7 +13,8 @@ import warnings
 import weakref
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -25,6 +26,35 @@ logger = logging.getLogger(__name__)
 # memloc's, so this one message is not shown; every other warning is.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated and will be removed",
                         category=FutureWarning)
+
+__all__ = ["Model", "TINY_NAMES", "tiny_model_dir", "load_model", "model_facts", "model_device", "hook_name",
+           "neuron_hook_name", "layer_hooks"]
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    #: The model every memloc function takes: a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
+    Model = TransformerBridge
+else:
+    class _LazyBridgeType(type):
+        """``isinstance(x, Model)`` is ``isinstance(x, TransformerBridge)``, resolved on first use so that
+        ``import memloc`` does not import TransformerLens (tens of seconds on a loaded machine)."""
+
+        def __instancecheck__(cls, obj: object) -> bool:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return isinstance(obj, TransformerBridge)
+
+        def __subclasscheck__(cls, sub: type) -> bool:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return issubclass(sub, TransformerBridge)
+
+    class Model(metaclass=_LazyBridgeType):
+        """The model every memloc function takes: TransformerLens's ``TransformerBridge`` (in
+        compatibility mode).  For type checkers this *is* ``TransformerBridge``; at run time it is a
+        stand-in whose ``isinstance`` check imports TransformerLens lazily (runtime type checks such
+        as beartype's use it)."""
 
 #: Names that select the embedded model shipped inside the package.
 TINY_NAMES = (None, "tiny")
@@ -141,7 +171,7 @@ def _offline_message(target: str, reason: str) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Any:
+               dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Model:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
     Args:
@@ -223,7 +253,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     return bridge
 
 
-def model_facts(model: Any) -> dict:
+def model_facts(model: Model) -> dict:
     """Architecture facts: family, layers, heads, d_model, d_mlp, d_head, n_ctx, vocabulary, gating."""
     cfg = model.cfg
     hf_cfg = getattr(model.original_model, "config", None)
@@ -245,11 +275,31 @@ def model_facts(model: Any) -> dict:
     }
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return next(model.parameters()).device
+
+
+def hook_name(kind: str, layer: int | None = None) -> str:
+    """The TransformerLens hook-point name of activation ``kind`` in ``layer``: TransformerLens's own
+    ``get_act_name`` (``hook_name("post", 2) == "blocks.2.mlp.hook_post"``, ``"pattern"`` ->
+    ``blocks.{l}.attn.hook_pattern``, ``"resid_pre"`` -> ``blocks.{l}.hook_resid_pre``, ...).  These
+    are the HookedTransformer names the bridge keeps in compatibility mode.  Every hook name memloc
+    uses is built here."""
+    from transformer_lens.utilities import get_act_name  # lazy: a model (hence TransformerLens) exists
+
+    return get_act_name(kind, layer)
 
 
 def neuron_hook_name(layer: int) -> str:
     """Hook point of the FFN neurons h^l (Chang et al. Eq. 1): the MLP's post-activation, which for
     gated MLPs is the input of the down-projection."""
-    return f"blocks.{layer}.mlp.hook_post"
+    return hook_name("post", layer)
+
+
+def layer_hooks(kind: str, layers: Iterable[int], fn: Callable[..., Any]) -> list[tuple[str, Callable[..., Any]]]:
+    """``[(hook_name(kind, l), fn with layer=l bound), ...]`` for ``model.hooks``/``run_with_hooks``.
+
+    ``fn(act, hook, *, layer)`` receives the layer it is attached to as an argument (bound with
+    ``functools.partial``), so no hook function has to parse the layer out of ``hook.name`` (which
+    may be an alias's canonical name on the bridge)."""
+    return [(hook_name(kind, int(l)), partial(fn, layer=int(l))) for l in layers]

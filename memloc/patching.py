@@ -40,18 +40,13 @@ from torch import Tensor
 from ._checks import check_positive_int, check_prefix_len, check_tokens
 from ._progress import progress
 from .borrow import borrowed
+from .models import Model, hook_name
 
 __all__ = ["COMPONENTS", "DIRECTIONS", "activation_patching"]
 
-#: component name -> hook name template (``{l}`` = layer)
-COMPONENTS = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "z": "blocks.{l}.attn.hook_z",
-}
+#: Components that can be patched: TransformerLens activation names (``memloc.models.hook_name(c, l)``
+#: is the hook point, e.g. ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_z``).
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_mid", "resid_post", "z")
 #: ``mp_to_pmp``: clean run = PMP, MP activations patched in; ``pmp_to_mp``: the reverse.
 DIRECTIONS = ("mp_to_pmp", "pmp_to_mp")
 
@@ -102,13 +97,13 @@ def _check_inputs(model, memorized, perturbed, position, first_impacted, prefix_
     return mp, pmp, pos, first, components, directions
 
 
-def _settings(model: Any, components: Sequence[str]) -> list[tuple[str, int, str, int]]:
+def _settings(model: Model, components: Sequence[str]) -> list[tuple[str, int, str, int]]:
     """(hook name, layer, component, head) for every patch; head = -1 for whole-vector patches."""
     out = []
     n_heads = int(model.cfg.n_heads)
     for layer in range(int(model.cfg.n_layers)):
         for comp in components:
-            name = COMPONENTS[comp].format(l=layer)
+            name = hook_name(comp, layer)
             if comp == "z":
                 out += [(name, layer, comp, h) for h in range(n_heads)]
             else:
@@ -116,7 +111,7 @@ def _settings(model: Any, components: Sequence[str]) -> list[tuple[str, int, str
     return out
 
 
-def _patched_nll(model: Any, receiver: Tensor, source_acts: dict[str, Tensor], settings: list, pos: int,
+def _patched_nll(model: Model, receiver: Tensor, source_acts: dict[str, Tensor], settings: list, pos: int,
                  target: int, batch_size: int) -> list[float]:
     """NLL of ``target`` at the last position of ``receiver`` [t] under every patch in ``settings``."""
     out: list[float] = []
@@ -146,7 +141,7 @@ def _patched_nll(model: Any, receiver: Tensor, source_acts: dict[str, Tensor], s
 
 
 @torch.no_grad()
-def activation_patching(model: Any, memorized: Int[Tensor, "n seq"], perturbed: Int[Tensor, "n seq"],
+def activation_patching(model: Model, memorized: Int[Tensor, "n seq"], perturbed: Int[Tensor, "n seq"],
                         position: Int[Tensor, "n"], first_impacted: Int[Tensor, "n"], prefix_len: int, *,
                         components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
                         directions: Sequence[str] = DIRECTIONS, batch_size: int = 64,

@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ._checks import check_positive_int, check_tokens
+from ._checks import check_positive_int, check_seed, check_tokens
 from ._progress import progress
 from .borrow import borrowed
 from .metrics import em_from_generations, greedy_decode, teacher_forced
@@ -135,8 +135,7 @@ def random_replacements(original: Int[Tensor, "n position"], n_samples: int, voc
     check_positive_int(n_samples, "n_samples")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     orig = original.detach().cpu().long()
     draw = torch.randint(0, vocab_size - 1, (*orig.shape, n_samples), generator=gen)
@@ -198,8 +197,7 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     tokens = check_tokens(model, tokens, prefix_len)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(batch_size, "batch_size")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     pos = _check_positions(positions, prefix_len)
     if vocab_size is None:
         vocab_size = _vocab_size(model)

@@ -12,6 +12,50 @@ os.environ.setdefault("MEMLOC_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
+#: Runtime type and shape checks: every function and dataclass of the memloc package runs under
+#: ``@jaxtyped(typechecker=beartype)`` (jaxtyping's import hook, installed before memloc is
+#: imported), so annotations such as ``Float[Tensor, "layer neuron"]`` are checked on every call of
+#: the test suite.  ``MEMLOC_TYPECHECK=0`` turns them off (e.g. to time the suite without them).
+TYPECHECK = os.environ.get("MEMLOC_TYPECHECK", "1") != "0"
+if TYPECHECK:
+    import jaxtyping
+
+    jaxtyping.install_import_hook("memloc", "beartype.beartype")
+
+    _raises = pytest.raises
+
+    def _raises_unchecked(expected, *args, **kwargs):
+        """``pytest.raises(ValueError, ...)`` blocks test memloc's own validation (bad input ->
+        ValueError naming the argument, before any work): run them with the runtime checks off, so
+        that the type checker does not pre-empt the library with a TypeCheckError.  Every other
+        block (and all the rest of every test) keeps the checks."""
+        types = expected if isinstance(expected, tuple) else (expected,)
+        if not any(isinstance(t, type) and issubclass(t, ValueError) for t in types):
+            return _raises(expected, *args, **kwargs)
+        from contextlib import contextmanager
+
+        @contextmanager
+        def unchecked():
+            old = jaxtyping.config.jaxtyping_disable
+            jaxtyping.config.update("jaxtyping_disable", True)
+            try:
+                yield
+            finally:
+                jaxtyping.config.update("jaxtyping_disable", old)
+
+        if args:  # the legacy call form pytest.raises(E, func, *args)
+            with unchecked():
+                return _raises(expected, *args, **kwargs)
+
+        @contextmanager
+        def checked_off():
+            with unchecked(), _raises(expected, **kwargs) as info:
+                yield info
+
+        return checked_off()
+
+    pytest.raises = _raises_unchecked
+
 from memloc import load_model  # noqa: E402
 
 from .factories import build_random_model  # noqa: E402

@@ -554,44 +554,6 @@ def test_with_sequence_seed():
     assert with_defaults(seeded, {"seed": 1}, seed=7, steps=5, lam=2.0) == {"seed": 1, "steps": 5}
 
 
-# ----------------------------------------------------------------------------- figures
-
-def test_figures(tiny, memorized, tmp_path):
-    import plotly.graph_objects as go
-
-    from memloc.plots import del_confusion_heatmap, del_table_figure, inj_recall_bars, save
-
-    rows = []
-    for s in range(3):
-        for meth in ("hard_concrete", "random"):
-            for r in (0.01, 0.005):
-                for mult in (1, 2, 5):
-                    for sel in ("per_layer", "across_layers"):
-                        rows.append(dict(seq_id=s, method=meth, ratio=r, k=r * mult, k_multiple=mult, selection=sel,
-                                         recall=0.5 if meth == "hard_concrete" else r * mult, n_injected=41))
-    inj = pd.DataFrame(rows)
-    fig = inj_recall_bars(inj)
-    assert isinstance(fig, go.Figure) and len(fig.data) == 2 * 3
-    assert list(fig.data[0].x) == ["HARD CONCRETE", "RANDOM"] and fig.data[0].y[0] == pytest.approx(50.0)
-    tokens, prefix_len, ids = memorized
-    res = del_benchmark(tiny, {"known": known_neurons}, tokens[:4], prefix_len, ids=ids[:4], ratios=(0.002,),
-                        random_tokens=random_sequences("tiny")[:2], progress_bar=False)
-    tf = del_table_figure(res)
-    assert isinstance(tf.data[0], go.Table) and len(tf.data[0].cells.values) == 1 + 5
-    hm = del_confusion_heatmap(res.matrices[("known", 0.002)])
-    assert hm.data[0].z.shape == (4, 4)
-    cats = {ids[0]: "b", ids[1]: "a", ids[2]: "b", ids[3]: "a"}
-    hm2 = del_confusion_heatmap(res.matrices[("known", 0.002)], categories=cats)
-    assert list(hm2.layout.xaxis.ticktext) == [f"b: {ids[0]}", f"b: {ids[2]}", f"a: {ids[1]}", f"a: {ids[3]}"]
-    m = res.matrices[("known", 0.002)]
-    assert hm2.data[0].z[0][1] == pytest.approx(m.loc[ids[0], ids[2]] * 100)
-    assert len(hm2.layout.shapes) == 2
-    with pytest.raises(ValueError):
-        del_confusion_heatmap(m, categories={ids[0]: "a"})
-    written = save(hm2, tmp_path / "confusion", png=False)
-    assert written[0].suffix == ".html" and written[0].stat().st_size > 1000
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_bench_del_and_inj(tmp_path, capsys):

@@ -11,7 +11,6 @@ from memloc import load_model
 from memloc.contrastive import (contrastive_gradients, contrastive_loss, eligible_parameters, finetune_mask,
                                 reference_logits, sparse_finetune, top_components)
 from memloc.metrics import exact_match
-from memloc.plots.contrastive import finetune_trajectories
 
 PREFIX = 8
 SEQ = 20
@@ -317,19 +316,6 @@ def test_bad_inputs_fail_before_work(neo, unchanged):
             with pytest.raises(ValueError):
                 fn()
     assert calls == [], "a forward pass ran before the input was rejected"
-
-
-def test_finetune_trajectories_plot(neo):
-    mp, nmp = tokens(neo, 2, 20), tokens(neo, 2, 21)
-    df = pd.concat([sparse_finetune(neo, mp, nmp, PREFIX, mask=m, fraction=0.01, steps=1, progress_bar=False)
-                    for m in ("top", "random")])
-    fig = finetune_trajectories(df)
-    assert len(fig.data) == 4                          # 2 masks x 2 splits, one objective facet
-    top_mp = [t for t in fig.data if t.legendgroup.startswith("top") and "MP" in t.name and "NMP" not in t.name][0]
-    expect = df[(df["mask"] == "top") & (df.split == "memorized")].groupby("step").em.mean().to_numpy()
-    np.testing.assert_allclose(np.asarray(top_mp.y, dtype=float), expect)
-    with pytest.raises(ValueError):
-        finetune_trajectories(df.drop(columns=["mask"]))
 
 
 # ---------------------------------------------------------------------------------------------

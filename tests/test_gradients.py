@@ -300,7 +300,8 @@ def test_activation_gradients_match_reference(small_models, kind, unchanged):
     assert list(df.columns) == ["paragraph", "layer", "component", "head", "position", "value"]
     for comp in ("q", "k", "z", "resid_pre", "mlp_post"):
         for layer in (0, 1):
-            hook = ACTIVATION_COMPONENTS[comp][0].format(l=layer)
+            hook = {"q": "blocks.{l}.attn.hook_q", "k": "blocks.{l}.attn.hook_k", "z": "blocks.{l}.attn.hook_z",
+                    "resid_pre": "blocks.{l}.hook_resid_pre", "mlp_post": "blocks.{l}.mlp.hook_post"}[comp].format(l=layer)
             for i in (0, 2):
                 g = _reference_activation_grads(model, x[i:i + 1], PREFIX, hook).abs()
                 ref = g.amax(-1)                                        # [pos, head] or [pos]

@@ -10,7 +10,6 @@ from scipy import stats
 
 from memloc import load_model
 from memloc import heads as H
-from memloc.plots import heads as P
 
 PREFIX = 12
 SEQ = 16
@@ -373,34 +372,3 @@ def test_model_unchanged_also_on_exception(small, small_tokens, unchanged):
         small.eval()
 
 
-# --------------------------------------------------------------------------- plots
-
-def test_head_token_heatmaps():
-    vals = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    labels = ["a", ".", "a", "b"]  # repeated tokens stay separate columns
-    fig = P.head_token_heatmaps(vals, labels, "t")
-    assert len(fig.data) == 1
-    np.testing.assert_array_equal(np.asarray(fig.data[0].z), vals.numpy())
-    assert list(fig.layout.xaxis.ticktext) == labels and list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
-    df = pd.DataFrame([{"layer": 1, "head": h, "position": p, "attention": float(vals[h, p])}
-                       for h in range(3) for p in range(4)])
-    fig2 = P.head_token_heatmaps({"gradients": vals, "attention": df}, labels, "fig 6")
-    assert len(fig2.data) == 2
-    np.testing.assert_array_equal(np.asarray(fig2.data[1].z), vals.numpy())
-    with pytest.raises(ValueError, match="token_labels"):
-        P.head_token_heatmaps(vals, labels[:3])
-    with pytest.raises(ValueError, match="layer"):
-        P.head_token_heatmaps(pd.concat([df, df.assign(layer=2)]), labels)
-
-
-def test_rank_attention_plot():
-    df = pd.DataFrame([{"layer": l, "head": h, "rank": r, "attention": (r + 1) * (h + 1), "n_tokens": int(r != 2)}
-                       for l in range(2) for h in range(2) for r in range(4)])
-    corr = pd.DataFrame([{"layer": l, "head": h, "correlation": 0.5} for l in range(2) for h in range(2)])
-    fig = P.rank_attention(df, highlight=(1, 0), correlations=corr)
-    assert len(fig.data) == 4
-    top = fig.data[-1]
-    assert top.name.startswith("L1H0") and "0.50" in top.name and top.line.color == "crimson"
-    assert list(top.x) == [0, 1, 3]  # rank 2 has no tokens
-    with pytest.raises(ValueError, match="highlight"):
-        P.rank_attention(df, highlight=(5, 0))

@@ -200,3 +200,17 @@ def test_memorization_decodes_only_unreproduced_rows(tiny, tiny_paragraphs, monk
     assert df["lev_greedy"].tolist() == metrics.char_distances(tiny, gen, tokens[:, 50:]).tolist()
     n_full = int((df["em"] == 50).sum())
     assert n_full > 0 and sum(decoded) == len(tokens) - n_full
+
+
+def test_suffix_nll_hand_case():
+    """Chang Eq. 6 by hand: -log softmax of the target, averaged over the suffix; half logits upcast."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]],
+                           [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
+    targets = torch.tensor([[0, 2]])  # one row broadcasts over the batch
+    lse = lambda row: math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    want = torch.tensor([((lse([2, 0, 0]) - 2) + (lse([0, 1, 3]) - 3)) / 2, math.log(3)])
+    assert torch.allclose(metrics.suffix_nll(logits, targets), want, atol=1e-6)
+    per_token = metrics.suffix_nll(logits, targets, per_token=True)
+    assert per_token.shape == (2, 2) and torch.allclose(per_token.mean(1), want, atol=1e-6)
+    half = metrics.suffix_nll(logits.bfloat16(), targets)
+    assert half.dtype == torch.float32 and torch.allclose(half, want, atol=3e-2)

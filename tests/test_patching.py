@@ -7,7 +7,6 @@ import torch
 
 from memloc import load_model
 from memloc.patching import COMPONENTS, activation_patching
-from memloc.plots.contrastive import patching_heatmap
 
 PREFIX = 10
 SEQ = 24
@@ -98,7 +97,9 @@ def test_matches_slow_reference(kind, request):
     for _, row in df.sample(n=24, random_state=0).iterrows():
         i = int(row.id)
         receiver, source = (pmp[i], mp[i]) if row.direction == "mp_to_pmp" else (mp[i], pmp[i])
-        hook = COMPONENTS[row.component].format(l=int(row.layer))
+        hook = {"resid_pre": "blocks.{l}.hook_resid_pre", "attn_out": "blocks.{l}.hook_attn_out",
+                "mlp_out": "blocks.{l}.hook_mlp_out", "resid_mid": "blocks.{l}.hook_resid_mid",
+                "resid_post": "blocks.{l}.hook_resid_post", "z": "blocks.{l}.attn.hook_z"}[row.component].format(l=int(row.layer))
         clean, patched = reference_patch(model, receiver, source, int(pos[i]), int(row.impact_position), hook,
                                          int(row["head"]))
         assert row.nll_clean == pytest.approx(clean, abs=1e-4)
@@ -175,20 +176,6 @@ def test_model_restored_on_exception(neo, unchanged, monkeypatch):
     with unchanged(neo):
         with pytest.raises(RuntimeError, match="boom"):
             activation_patching(neo, mp, pmp, pos, first, PREFIX, progress_bar=False)
-
-
-def test_heatmap(neo):
-    mp, pmp, pos, first = make_pairs(neo, [2, 9], [0, 3])
-    df = activation_patching(neo, mp, pmp, pos, first, PREFIX, components=("resid_pre", "z"), progress_bar=False)
-    fig = patching_heatmap(df)
-    assert len(fig.data) == 2
-    z = fig.data[0].z
-    assert z.shape == (neo.cfg.n_layers, 1 + neo.cfg.n_heads)
-    expect = df[(df.direction == "mp_to_pmp") & (df.component == "resid_pre")].groupby("layer").value.mean()
-    assert torch.allclose(torch.tensor(z[:, list(fig.data[0].x).index("resid_pre")]),
-                          torch.tensor(expect.to_numpy()), atol=1e-9)
-    with pytest.raises(ValueError):
-        patching_heatmap(df.drop(columns=["value"]))
 
 
 @pytest.mark.slow

@@ -11,9 +11,6 @@ import torch.nn.functional as F
 from memloc import load_model
 from memloc.perturb import (PerturbationResult, em_drop_by_position, make_pmps, perturbation_profile,
                             random_replacements)
-from memloc.plots.gradients import (attention_vs_mlp_totals, gradient_heatmap, gradient_heatmaps_by_group,
-                                    activation_gradient_heatmap)
-from memloc.plots.perturbation import perturbation_bars, perturbation_by_position, token_labels
 
 PREFIX, SEQ = 10, 18
 
@@ -164,7 +161,7 @@ def test_make_pmps_selection_hand_case(neo):
     gens = torch.zeros(2, 3, 1, T, dtype=torch.long)
     gens[0, 2, 0] = torch.tensor([4, 30, 31])
     res = PerturbationResult(samples=samples, profile=samples, clean=pd.DataFrame({"paragraph": [0, 1]}),
-                             clean_generation=x[:, 3:], generations=gens, replacements=torch.zeros(2, 3, 1),
+                             clean_generation=x[:, 3:], generations=gens, replacements=torch.zeros(2, 3, 1, dtype=torch.long),
                              positions=[0, 1, 2], prefix_len=3)
     p = make_pmps(neo, x, 3, result=res)
     assert len(p) == 1 and p.table.paragraph.tolist() == [0]
@@ -190,28 +187,6 @@ def test_em_drop_by_position_hand_case():
         em_drop_by_position(prof)  # default column missing
     with pytest.raises(ValueError, match="profile"):
         em_drop_by_position(prof.drop(columns="position"))
-
-
-def test_plots(neo):
-    x = _tokens(neo, n=2)
-    r = perturbation_profile(neo, x, PREFIX, positions=[0, 3, 9], progress_bar=False)
-    labels = token_labels(neo, x[0, :PREFIX])
-    assert labels == [neo.tokenizer.decode([int(t)]) for t in x[0, :PREFIX]]
-    fig = perturbation_bars(r.profile[r.profile.paragraph == 0], labels)
-    assert len(fig.data) == 2 and len(fig.data[0].x) == 3
-    assert fig.data[0].x[1].rstrip("\u200b") in (labels[3], repr(labels[3]), labels[3].replace("\n", "\\n"))
-    with pytest.raises(ValueError, match="several paragraphs"):
-        perturbation_bars(r.profile, labels)
-    fig = perturbation_by_position(em_drop_by_position(r.profile, ["memorized", "non-memorized"]))
-    assert [t.name for t in fig.data] == ["memorized", "non-memorized"]
-    from memloc.gradients import activation_gradients, parameter_gradients_by_group
-    g = parameter_gradients_by_group(neo, x, PREFIX, ["a", "b"], pooling="sum", progress_bar=False)
-    assert len(gradient_heatmap(g[g.group == "a"]).data) == 1
-    assert len(gradient_heatmaps_by_group(g, "group").data) == 2
-    assert len(attention_vs_mlp_totals(g, "group").data) == 4
-    a = activation_gradients(neo, x[:1], PREFIX, components=["v"], progress_bar=False)
-    fig = activation_gradient_heatmap(a, "v", 1, token_labels=token_labels(neo, x[0]))
-    assert fig.data[0].z.shape == (neo.cfg.n_heads, SEQ)
 
 
 # ------------------------------------------------------------------ embedded model ground truth

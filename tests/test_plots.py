@@ -226,3 +226,149 @@ def test_colour_bars_have_units_and_error_bars_are_explained():
                            "mean": [1.0, 2.0, 3.0, 4.0], "sem": 0.5, "n": [16, 16, 12, 12]})
     fig = plots.perturbation_by_position(by_pos)
     assert "SEM" in fig.layout.yaxis.title.text and "non-memorized: 12" in fig.layout.title.text
+
+
+# ----------------------------------------------------------------------------- plots of real results
+# (figures drawn from what the analyses return on small random-weight models and the embedded model)
+
+from memloc import load_model  # noqa: E402
+from memloc.benchmarks import del_benchmark  # noqa: E402
+from memloc.contrastive import sparse_finetune  # noqa: E402
+from memloc.data import random_sequences  # noqa: E402
+from memloc.patching import activation_patching  # noqa: E402
+from memloc.perturb import em_drop_by_position, perturbation_profile  # noqa: E402
+from memloc.plots import heads as heads_plots  # noqa: E402
+from memloc.plots.contrastive import finetune_trajectories, patching_heatmap  # noqa: E402
+from memloc.plots.gradients import (activation_gradient_heatmap, attention_vs_mlp_totals,  # noqa: E402
+                                    gradient_heatmap, gradient_heatmaps_by_group)
+from memloc.plots.perturbation import perturbation_bars, perturbation_by_position, token_labels  # noqa: E402
+
+from .test_benchmarks import known_neurons, memorized  # noqa: E402,F401  (fixture)
+from .test_contrastive import PREFIX as CONTRASTIVE_PREFIX  # noqa: E402
+from .test_contrastive import tokens as contrastive_tokens  # noqa: E402
+from .test_patching import PREFIX as PATCHING_PREFIX  # noqa: E402
+from .test_patching import make_pairs  # noqa: E402
+from .test_perturb import PREFIX as PERTURB_PREFIX  # noqa: E402
+from .test_perturb import SEQ as PERTURB_SEQ  # noqa: E402
+from .test_perturb import _tokens  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def neo(random_model_dir):
+    return load_model(random_model_dir("gpt-neo"))
+
+
+def test_head_token_heatmaps():
+    vals = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    labels = ["a", ".", "a", "b"]  # repeated tokens stay separate columns
+    fig = heads_plots.head_token_heatmaps(vals, labels, "t")
+    assert len(fig.data) == 1
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z), vals.numpy())
+    assert list(fig.layout.xaxis.ticktext) == labels and list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    df = pd.DataFrame([{"layer": 1, "head": h, "position": p, "attention": float(vals[h, p])}
+                       for h in range(3) for p in range(4)])
+    fig2 = heads_plots.head_token_heatmaps({"gradients": vals, "attention": df}, labels, "fig 6")
+    assert len(fig2.data) == 2
+    np.testing.assert_array_equal(np.asarray(fig2.data[1].z), vals.numpy())
+    with pytest.raises(ValueError, match="token_labels"):
+        heads_plots.head_token_heatmaps(vals, labels[:3])
+    with pytest.raises(ValueError, match="layer"):
+        heads_plots.head_token_heatmaps(pd.concat([df, df.assign(layer=2)]), labels)
+
+
+def test_rank_attention_plot():
+    df = pd.DataFrame([{"layer": l, "head": h, "rank": r, "attention": (r + 1) * (h + 1), "n_tokens": int(r != 2)}
+                       for l in range(2) for h in range(2) for r in range(4)])
+    corr = pd.DataFrame([{"layer": l, "head": h, "correlation": 0.5} for l in range(2) for h in range(2)])
+    fig = heads_plots.rank_attention(df, highlight=(1, 0), correlations=corr)
+    assert len(fig.data) == 4
+    top = fig.data[-1]
+    assert top.name.startswith("L1H0") and "0.50" in top.name and top.line.color == "crimson"
+    assert list(top.x) == [0, 1, 3]  # rank 2 has no tokens
+    with pytest.raises(ValueError, match="highlight"):
+        heads_plots.rank_attention(df, highlight=(5, 0))
+
+
+def test_perturbation_and_gradient_plots(neo):
+    x = _tokens(neo, n=2, seq=PERTURB_SEQ)
+    r = perturbation_profile(neo, x, PERTURB_PREFIX, positions=[0, 3, 9], progress_bar=False)
+    labels = token_labels(neo, x[0, :PERTURB_PREFIX])
+    assert labels == [neo.tokenizer.decode([int(t)]) for t in x[0, :PERTURB_PREFIX]]
+    fig = perturbation_bars(r.profile[r.profile.paragraph == 0], labels)
+    assert len(fig.data) == 2 and len(fig.data[0].x) == 3
+    assert fig.data[0].x[1].rstrip("\u200b") in (labels[3], repr(labels[3]), labels[3].replace("\n", "\\n"))
+    with pytest.raises(ValueError, match="several paragraphs"):
+        perturbation_bars(r.profile, labels)
+    fig = perturbation_by_position(em_drop_by_position(r.profile, ["memorized", "non-memorized"]))
+    assert [t.name for t in fig.data] == ["memorized", "non-memorized"]
+    from memloc.gradients import activation_gradients, parameter_gradients_by_group
+    g = parameter_gradients_by_group(neo, x, PERTURB_PREFIX, ["a", "b"], pooling="sum", progress_bar=False)
+    assert len(gradient_heatmap(g[g.group == "a"]).data) == 1
+    assert len(gradient_heatmaps_by_group(g, "group").data) == 2
+    assert len(attention_vs_mlp_totals(g, "group").data) == 4
+    a = activation_gradients(neo, x[:1], PERTURB_PREFIX, components=["v"], progress_bar=False)
+    fig = activation_gradient_heatmap(a, "v", 1, token_labels=token_labels(neo, x[0]))
+    assert fig.data[0].z.shape == (neo.cfg.n_heads, PERTURB_SEQ)
+
+
+def test_finetune_trajectories_plot(neo):
+    mp, nmp = contrastive_tokens(neo, 2, 20), contrastive_tokens(neo, 2, 21)
+    df = pd.concat([sparse_finetune(neo, mp, nmp, CONTRASTIVE_PREFIX, mask=m, fraction=0.01, steps=1, progress_bar=False)
+                    for m in ("top", "random")])
+    fig = finetune_trajectories(df)
+    assert len(fig.data) == 4                          # 2 masks x 2 splits, one objective facet
+    top_mp = [t for t in fig.data if t.legendgroup.startswith("top") and "MP" in t.name and "NMP" not in t.name][0]
+    expect = df[(df["mask"] == "top") & (df.split == "memorized")].groupby("step").em.mean().to_numpy()
+    np.testing.assert_allclose(np.asarray(top_mp.y, dtype=float), expect)
+    with pytest.raises(ValueError):
+        finetune_trajectories(df.drop(columns=["mask"]))
+
+
+def test_heatmap(neo):
+    mp, pmp, pos, first = make_pairs(neo, [2, 9], [0, 3])
+    df = activation_patching(neo, mp, pmp, pos, first, PATCHING_PREFIX, components=("resid_pre", "z"), progress_bar=False)
+    fig = patching_heatmap(df)
+    assert len(fig.data) == 2
+    z = fig.data[0].z
+    assert z.shape == (neo.cfg.n_layers, 1 + neo.cfg.n_heads)
+    expect = df[(df.direction == "mp_to_pmp") & (df.component == "resid_pre")].groupby("layer").value.mean()
+    assert torch.allclose(torch.tensor(z[:, list(fig.data[0].x).index("resid_pre")]),
+                          torch.tensor(expect.to_numpy()), atol=1e-9)
+    with pytest.raises(ValueError):
+        patching_heatmap(df.drop(columns=["value"]))
+
+
+def test_figures(tiny, memorized, tmp_path):
+    import plotly.graph_objects as go
+
+    from memloc.plots import del_confusion_heatmap, del_table_figure, inj_recall_bars, save
+
+    rows = []
+    for s in range(3):
+        for meth in ("hard_concrete", "random"):
+            for r in (0.01, 0.005):
+                for mult in (1, 2, 5):
+                    for sel in ("per_layer", "across_layers"):
+                        rows.append(dict(seq_id=s, method=meth, ratio=r, k=r * mult, k_multiple=mult, selection=sel,
+                                         recall=0.5 if meth == "hard_concrete" else r * mult, n_injected=41))
+    inj = pd.DataFrame(rows)
+    fig = inj_recall_bars(inj)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 2 * 3
+    assert list(fig.data[0].x) == ["HARD CONCRETE", "RANDOM"] and fig.data[0].y[0] == pytest.approx(50.0)
+    tokens, prefix_len, ids = memorized
+    res = del_benchmark(tiny, {"known": known_neurons}, tokens[:4], prefix_len, ids=ids[:4], ratios=(0.002,),
+                        random_tokens=random_sequences("tiny")[:2], progress_bar=False)
+    tf = del_table_figure(res)
+    assert isinstance(tf.data[0], go.Table) and len(tf.data[0].cells.values) == 1 + 5
+    hm = del_confusion_heatmap(res.matrices[("known", 0.002)])
+    assert hm.data[0].z.shape == (4, 4)
+    cats = {ids[0]: "b", ids[1]: "a", ids[2]: "b", ids[3]: "a"}
+    hm2 = del_confusion_heatmap(res.matrices[("known", 0.002)], categories=cats)
+    assert list(hm2.layout.xaxis.ticktext) == [f"b: {ids[0]}", f"b: {ids[2]}", f"a: {ids[1]}", f"a: {ids[3]}"]
+    m = res.matrices[("known", 0.002)]
+    assert hm2.data[0].z[0][1] == pytest.approx(m.loc[ids[0], ids[2]] * 100)
+    assert len(hm2.layout.shapes) == 2
+    with pytest.raises(ValueError):
+        del_confusion_heatmap(m, categories={ids[0]: "a"})
+    written = save(hm2, tmp_path / "confusion", png=False)
+    assert written[0].suffix == ".html" and written[0].stat().st_size > 1000

@@ -31,9 +31,10 @@ from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .._checks import check_fraction, check_positive_int, check_tokens
+from .._checks import check_fraction, check_positive_int, check_seed, check_tokens
 from .._progress import progress
 from ..ablation import n_selected, select_top_k
+from ..architectures import weight_layout
 from ..borrow import borrowed
 from ..executors import Task, check_calls, resolve_executor
 from .dele import _cached_scores, _store_scores
@@ -89,10 +90,9 @@ def ffn_value_vectors(model: Any) -> list[ValueVectors]:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or id(weight) not in names or weight.ndim != 2:
             raise ValueError(f"blocks[{l}].mlp.out has no 2-D weight parameter")
-        if isinstance(module, torch.nn.Linear):
-            axis = 1
-        elif type(module).__name__ == "Conv1D":
-            axis = 0
+        layout = weight_layout(module)  # the neuron axis is the input axis: 1 of [out, in], 0 of [in, out]
+        if layout is not None:
+            axis = 1 if layout == "out_in" else 0
         else:
             matches = [a for a in (0, 1) if weight.shape[a] == d_mlp]
             if len(matches) != 1:
@@ -111,8 +111,7 @@ def sample_injection_mask(n_layers: int, d_mlp: int, ratio: float, seed: int) ->
     check_positive_int(n_layers, "n_layers")
     check_positive_int(d_mlp, "d_mlp")
     check_fraction(ratio, "ratio")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed, non_negative=True)
     total = n_layers * d_mlp
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=gen)[:n_selected(ratio, total)]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._checks import check_tokens
 from .._progress import progress
+from ..models import Model
 from ._scores import check_method_kwargs, resolve_methods, with_defaults
 from .dele import del_benchmark
 
@@ -62,7 +63,7 @@ def _check_grid(grid: Any, name: str, fn: Callable, base: Mapping[str, Any]) -> 
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def tune_del(model: Any, method: str | Mapping[str, Callable], grid: Mapping[str, Sequence],
+def tune_del(model: Model, method: str | Mapping[str, Callable], grid: Mapping[str, Sequence],
              tokens: Int[Tensor, "n seq"], prefix_len: int, *, ratio: float = 0.1,
              base_kwargs: Mapping[str, Any] | None = None, exclude_layers: Sequence[int] = (0,),
              random_tokens: Int[Tensor, "m seq"] | None = None, batch_size: int = 64,

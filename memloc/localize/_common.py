@@ -13,12 +13,16 @@ import logging
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._checks import check_tokens
-from ..models import neuron_hook_name
+from ..architectures import replayable_block_arguments
+from ..metrics import suffix_nll
+from ..models import Model, hook_name, neuron_hook_name
+
+#: The memorization loss (Chang et al. Eq. 6), kept under the name the localization methods use.
+memorization_loss = suffix_nll
 
 __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockInputs", "capture_clean",
            "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error",
@@ -27,7 +31,7 @@ __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockIn
 logger = logging.getLogger(__name__)
 
 
-def prepare_sequence(model: Any, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
+def prepare_sequence(model: Model, tokens: Any, prefix_len: int) -> Int[Tensor, "1 seq"]:
     """Validate one sequence (``[seq]`` or ``[1, seq]``) and return it as ``[1, seq]`` int64 on the
     model's device.  Raises ValueError for a batch of several sequences (one score map per
     sequence is the paper's setting: call the method once per sequence), for 3-D input, and for a
@@ -45,16 +49,6 @@ def suffix_positions(seq_len: int, prefix_len: int) -> slice:
     return slice(prefix_len - 1, seq_len - 1)
 
 
-def memorization_loss(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "batch T"]) -> Float[Tensor, "batch"]:
-    """Memorization loss (Chang et al. Eq. 6): mean NLL of the suffix tokens, one value per row.
-
-    ``logits`` are those at the suffix positions (already sliced), ``targets`` the suffix tokens."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.expand(logits.shape[0], -1), reduction="none")
-    return nll.mean(dim=1)
-
-
 class BlockInputs:
     """The extra positional and keyword arguments each transformer block received in a clean run
     (attention masks, position ids, rotary embeddings, ...), with any KV cache removed, so that
@@ -66,13 +60,7 @@ class BlockInputs:
         self.kwargs: dict[int, dict] = {}
 
 
-def _strip_cache(v: Any) -> Any:
-    from transformers.cache_utils import Cache
-
-    return None if isinstance(v, Cache) else v
-
-
-def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
+def capture_clean(model: Model, tokens: Int[Tensor, "1 seq"], names: list[str], *,
                   capture_blocks: bool = True) -> tuple[Tensor, dict[str, Tensor], BlockInputs]:
     """One clean forward: logits, the activations at hook points ``names`` (detached) and the
     block inputs.  Uses TransformerLens hooks for activations and plain torch forward-pre-hooks
@@ -83,11 +71,7 @@ def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
 
     def make_pre(i: int) -> Callable:
         def pre(module, args, kwargs):
-            inputs.args[i] = tuple(_strip_cache(a) for a in args[1:])
-            kw = {k: _strip_cache(v) for k, v in kwargs.items()}
-            if "use_cache" in kw:
-                kw["use_cache"] = False
-            inputs.kwargs[i] = kw
+            inputs.args[i], inputs.kwargs[i] = replayable_block_arguments(args[1:], kwargs)
         return pre
 
     def saver(name: str) -> Callable:
@@ -106,7 +90,7 @@ def capture_clean(model: Any, tokens: Int[Tensor, "1 seq"], names: list[str], *,
     return logits.detach(), acts, inputs
 
 
-def run_blocks_from(model: Any, resid: Float[Tensor, "batch seq d_model"], start: int,
+def run_blocks_from(model: Model, resid: Float[Tensor, "batch seq d_model"], start: int,
                     inputs: BlockInputs) -> Float[Tensor, "batch seq d_model"]:
     """Run blocks ``start .. n_layers-1`` on a residual stream (the input of block ``start``)."""
     for i in range(start, model.cfg.n_layers):
@@ -115,12 +99,12 @@ def run_blocks_from(model: Any, resid: Float[Tensor, "batch seq d_model"], start
     return resid
 
 
-def logits_at(model: Any, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
+def logits_at(model: Model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
     """Final norm and unembedding of a final residual stream (only the positions passed in)."""
     return model.unembed(model.ln_final(resid))
 
 
-def w_out(model: Any) -> Float[Tensor, "layer neuron d_model"]:
+def w_out(model: Model) -> Float[Tensor, "layer neuron d_model"]:
     """Value vectors v_i^l (Chang et al. Eq. 2-3): row i of ``W_out[l]`` is what neuron i writes
     into the residual stream per unit of activation."""
     return model.W_out.detach()
@@ -156,7 +140,7 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1.0))
 
 
-def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: float | None = None) -> bool:
+def mlp_out_is_linear(model: Model, acts: dict[str, Tensor], layer: int, *, atol: float | None = None) -> bool:
     """Whether ``hook_mlp_out == hook_post @ W_out + b_out`` holds in this model's coordinates
     (true for unprocessed weights; checked before relying on it).
 
@@ -164,7 +148,7 @@ def mlp_out_is_linear(model: Any, acts: dict[str, Tensor], layer: int, *, atol: 
     largest |output|) with ``atol`` (default :func:`check_tolerance` of the activations' dtype), so
     that the model's own rounding in float16/bfloat16 does not count as non-linearity."""
     h = acts[neuron_hook_name(layer)]
-    out = acts[f"blocks.{layer}.hook_mlp_out"]
+    out = acts[hook_name("mlp_out", layer)]
     tol = check_tolerance(h.dtype) if atol is None else atol
     b = getattr(model, "b_out", None)
     exact = torch.promote_types(h.dtype, torch.float32)

@@ -44,9 +44,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_number, check_positive_int
 from .._progress import progress
-from ..models import neuron_hook_name
+from ..models import layer_hooks
 from ._common import memorization_loss, partial_forward, suffix_positions
 
 logger = logging.getLogger("memloc.localize")
@@ -84,30 +84,18 @@ def penalty_weight(lam: float, lam_scale: str, n_masked: int) -> float:
     return float(lam) * n_masked if lam_scale == "per_neuron" else float(lam)
 
 
-def _number(value: Any, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
-            hi_open: bool = False, what: str = "") -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{name} must be a finite number in {rng}{what}, got {value!r}")
-    return float(value)
-
-
 def check_mask_args(model: Any, *, lam: Any, lam_scale: Any, lr: Any, max_steps: Any, stop_loss: Any,
                     stop_mem_margin: Any, check_every: Any, start_layer: Any) -> dict:
     """Validate the hyperparameters shared by SLIMMING and HARD CONCRETE (ValueError naming the argument)."""
     if lam_scale not in LAM_SCALES:
         raise ValueError(f"lam_scale must be one of {LAM_SCALES} (per_neuron: lam on the sum over masked neurons, "
                          f"Eq. 9/12 as printed; mean: the authors' code), got {lam_scale!r}")
-    out = {"lam": _number(lam, "lam", 0.0, what=" (the sparsity weight)"), "lam_scale": lam_scale,
-           "lr": _number(lr, "lr", 0.0, lo_open=True),
+    out = {"lam": check_number(lam, "lam", 0.0, what=" (the sparsity weight)"), "lam_scale": lam_scale,
+           "lr": check_number(lr, "lr", 0.0, lo_open=True),
            "max_steps": check_positive_int(max_steps, "max_steps"),
-           "stop_loss": _number(stop_loss, "stop_loss", 0.0, 1.0,
+           "stop_loss": check_number(stop_loss, "stop_loss", 0.0, 1.0,
                                 what=" (threshold on the mean sparsity term, which lies in [0, 1])"),
-           "stop_mem_margin": None if stop_mem_margin is None else _number(
+           "stop_mem_margin": None if stop_mem_margin is None else check_number(
                stop_mem_margin, "stop_mem_margin", 0.0, what=" (nats above the clean memorization loss) or None"),
            "check_every": check_positive_int(check_every, "check_every")}
     n = int(model.cfg.n_layers)
@@ -153,11 +141,10 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
     with torch.no_grad():
         clean = float(memorization_loss(model(tokens)[:, pos], target)[0])
 
-    def hook(act, hook):
-        l = int(hook.name.split(".")[1])
-        return act * mask_fn(l).to(act.dtype)
+    def hook(act, hook, *, layer):
+        return act * mask_fn(layer).to(act.dtype)
 
-    hooks = [(neuron_hook_name(l), hook) for l in range(start_layer, n_layers)]
+    hooks = layer_hooks("post", range(start_layer, n_layers), hook)
     # worth it when it skips blocks or a good part of the unembedding (not for INJ's prefix_len = 1)
     useful = start_layer > 0 or (pos.stop - pos.start) < 0.75 * tokens.shape[1]
     fast = partial_forward(model, tokens, start_layer, pos, what=desc) if useful else None
@@ -191,10 +178,10 @@ def _warn_if_collapsed(model: Any, tokens: Tensor, pos: slice, target: Tensor, e
                        w: float) -> None:
     masks = {l: eval_mask_fn(l).detach() for l in range(start_layer, int(model.cfg.n_layers))}
 
-    def hook(act, hook):
-        return act * masks[int(hook.name.split(".")[1])].to(act.dtype)
+    def hook(act, hook, *, layer):
+        return act * masks[layer].to(act.dtype)
 
-    with model.hooks(fwd_hooks=[(neuron_hook_name(l), hook) for l in masks]):
+    with model.hooks(fwd_hooks=layer_hooks("post", list(masks), hook)):
         mem = float(memorization_loss(model(tokens)[:, pos], target)[0])
     mean = float(torch.stack([m.float().mean() for m in masks.values()]).mean())
     if mean < COLLAPSED_MASK_MEAN and mem > clean + COLLAPSED_MEM_MARGIN:

@@ -10,14 +10,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..borrow import borrowed
-from ..models import neuron_hook_name
+from ..borrow import borrowed, trainable_only
+from ..models import Model, layer_hooks
 from ._common import memorization_loss, prepare_sequence, suffix_positions
 
 __all__ = ["attribution_patching"]
 
 
-def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
+def attribution_patching(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
                          prefix_len: int) -> Float[Tensor, "layer neuron"]:
     """Linear estimate of ZERO-OUT's score (Chang et al. Eq. 7) from one forward and one backward.
 
@@ -36,20 +36,19 @@ def attribution_patching(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     with borrowed(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        trainable_only(model)
         n_layers = model.cfg.n_layers
         leaves: dict[int, Tensor] = {}
 
-        def leaf(act, hook):
+        def leaf(act, hook, *, layer):
             # the first hooked layer becomes a leaf; later layers are already in its graph (detaching
             # them would cut the paths from earlier neurons through later layers' neurons)
             x = act if act.requires_grad else act.detach().requires_grad_(True)
-            leaves[int(hook.name.split(".")[1])] = x
+            leaves[layer] = x
             return x
 
         with torch.enable_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(neuron_hook_name(l), leaf) for l in range(n_layers)])
+            logits = model.run_with_hooks(tokens, fwd_hooks=layer_hooks("post", range(n_layers), leaf))
             pos = suffix_positions(tokens.shape[1], prefix_len)
             loss = memorization_loss(logits[:, pos], tokens[:, prefix_len:])[0]
             hs = [leaves[l] for l in range(n_layers)]

@@ -9,9 +9,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._checks import check_number, check_seed
 from ..borrow import borrowed
 from ._common import prepare_sequence
-from ._masks import DEFAULT_LAM, _number, check_mask_args, train_masks
+from ._masks import DEFAULT_LAM, check_mask_args, train_masks
 
 __all__ = ["hard_concrete", "hard_concrete_mask", "l0_regularizer", "GAMMA", "ZETA"]
 
@@ -84,11 +85,10 @@ def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"],
     tokens = prepare_sequence(model, tokens, prefix_len)
     a = check_mask_args(model, lam=lam, lam_scale=lam_scale, lr=lr, max_steps=max_steps, stop_loss=stop_loss,
                         stop_mem_margin=stop_mem_margin, check_every=check_every, start_layer=start_layer)
-    beta = _number(beta, "beta", 0.0, lo_open=True, what=" (the concrete temperature)")
+    beta = check_number(beta, "beta", 0.0, lo_open=True, what=" (the concrete temperature)")
     if isinstance(mask_init, bool) or not isinstance(mask_init, (int, float)) or not 0 < mask_init < 1:
         raise ValueError(f"mask_init must be in (0, 1), got {mask_init!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     start_layer = a["start_layer"]
     with borrowed(model):
         dev = tokens.device

@@ -11,10 +11,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_layers, check_positive_int
 from .._progress import progress
 from ..borrow import borrowed
-from ..models import neuron_hook_name
+from ..models import hook_name, neuron_hook_name
 from ._common import (capture_clean, check_tolerance, logits_at, memorization_loss, mlp_out_is_linear,
                       prepare_sequence, run_blocks_from, suffix_positions, w_out)
 
@@ -63,11 +63,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     tokens = prepare_sequence(model, tokens, prefix_len)
     check_positive_int(batch_size, "batch_size")
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    if layers is None:
-        layers = list(range(n_layers))
-    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers must be a non-empty list of layer indices in 0..{n_layers - 1}, got {layers!r}")
+    layers = check_layers(model, layers)
     if neurons is None:
         neuron_idx = torch.arange(d_mlp)
     else:
@@ -79,7 +75,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
             raise ValueError(f"neurons must be a non-empty set of indices in 0..{d_mlp - 1}")
     with borrowed(model), torch.no_grad():
         names = [n for l in range(n_layers) for n in
-                 (neuron_hook_name(l), f"blocks.{l}.hook_resid_post", f"blocks.{l}.hook_mlp_out")]
+                 (neuron_hook_name(l), hook_name("resid_post", l), hook_name("mlp_out", l))]
         logits, acts, inputs = capture_clean(model, tokens, names)
         pos = suffix_positions(tokens.shape[1], prefix_len)
         target = tokens[:, prefix_len:]
@@ -106,7 +102,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
             if fast:
                 h = acts[neuron_hook_name(l)][0, :, idx]  # [seq, b]
                 delta = einops.einsum(h, W[l, idx].to(h.dtype), "pos b, b d -> b pos d")
-                resid = acts[f"blocks.{l}.hook_resid_post"] - delta
+                resid = acts[hook_name("resid_post", l)] - delta
                 final = run_blocks_from(model, resid, l + 1, inputs)
                 out = logits_at(model, final[:, pos])
             else:

@@ -6,12 +6,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
+from jaxtyping import Int
 from plotly.subplots import make_subplots
+from torch import Tensor
 
 __all__ = ["perturbation_bars", "perturbation_by_position", "token_labels"]
 
 
-def token_labels(model_or_tokenizer: Any, ids: Sequence[int]) -> list[str]:
+def token_labels(model_or_tokenizer: Any, ids: Sequence[int] | Int[Tensor, "n"]) -> list[str]:
     """Decoded token strings for axis labels (``model.to_str_tokens`` or a tokenizer's ``decode``)."""
     ids = [int(i) for i in ids]
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
