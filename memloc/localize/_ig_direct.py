@@ -37,8 +37,9 @@ ARCHS = ("gpt2", "gpt_neo")
 
 
 def model_type(model: Any) -> str | None:
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    return getattr(config, "model_type", None)
+    from ..architectures import model_type as _model_type
+
+    return _model_type(model)
 
 
 class DirectWeights:
@@ -85,26 +86,15 @@ def direct_weights(model: Any) -> DirectWeights | None:
     ``0 ≤ q - p < window_size`` (HF ``GPTNeoSelfAttention``: ``tril ^ tril(-window_size)``).
     GPT-2: scores times ``d_head**-0.5`` (if ``scale_attn_weights``) and ``1/(l+1)`` (if
     ``scale_attn_by_inverse_layer_idx``), as HF ``GPT2Attention.scaling``."""
-    from transformers.activations import ACT2FN
 
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    kind = getattr(config, "model_type", None)
-    L, dh = model.cfg.n_layers, model.cfg.d_head
+    from ..architectures import adapter_for
+
     try:
-        if kind == "gpt_neo":
-            types = list(config.attention_layers)
-            if len(types) != L or any(t not in ("global", "local") for t in types):
-                return None
-            scales = [1.0] * L
-            windows = [int(config.window_size) if t == "local" else None for t in types]
-        elif kind == "gpt2":
-            base = dh ** -0.5 if config.scale_attn_weights else 1.0
-            scales = [base / (l + 1) if config.scale_attn_by_inverse_layer_idx else base for l in range(L)]
-            windows = [None] * L
-        else:
+        adapter = adapter_for(model)
+        geometry = adapter.attention_geometry(model)  # GPT-Neo windows, GPT-2 scaling (memloc.architectures)
+        if geometry is None:
             return None
-        act = ACT2FN[config.activation_function]
-        return DirectWeights(model, scales, windows, act)
+        return DirectWeights(model, geometry.scales, geometry.windows, adapter.mlp_activation(model))
     except (AttributeError, KeyError, ValueError, RuntimeError) as exc:  # an unexpected variant: not supported
         logger.info("direct IG path unavailable: %s", exc)
         return None

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .._checks import check_choice, check_positive_int
 from .._progress import progress
-from ..borrow import borrowed
-from ..models import neuron_hook_name
+from ..borrow import borrowed, trainable_only
+from ..models import hook_name, neuron_hook_name
 from . import _ig_direct, _ig_kv_cache
 from ._common import check_tolerance, prepare_sequence
 
@@ -134,8 +134,7 @@ def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
         raise ValueError(f"implementation='direct' supports {sorted(_ig_direct.ARCHS)} models only, got "
                          f"{_ig_direct.model_type(model)!r}; use 'auto' (falls back to 'kv_cache' or 'full')")
     with borrowed(model), _ig_kv_cache.cache_passthrough(model):
-        for p in model.parameters():
-            p.requires_grad_(False)  # only the patched activations need gradients
+        trainable_only(model)  # only the patched activations need gradients
         clean, cache, acts, state = _clean_run(model, tokens)
         path, weights = _choose_path(model, implementation, tokens, prefix_len, clean, cache, acts, state,
                                      layers, positions, steps, batch_size)
@@ -203,9 +202,9 @@ def _chosen(path: str, err: float, tol: float) -> str:
     return path
 
 
-#: Clean-run activations the direct path starts from (TransformerLens hook names, ``{l}`` = layer).
-_STATE_HOOKS = {"resid_mid": "blocks.{l}.hook_resid_mid", "k": "blocks.{l}.attn.hook_k",
-                "v": "blocks.{l}.attn.hook_v"}
+#: Clean-run activations the direct path starts from (TransformerLens activation kinds, see
+#: :func:`memloc.models.hook_name`).
+_STATE_HOOKS = {"resid_mid": "resid_mid", "k": "k", "v": "v"}
 
 
 def _clean_run(model: Any, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[str, Tensor]]:
@@ -223,7 +222,7 @@ def _clean_run(model: Any, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[st
         return save
 
     names = [neuron_hook_name(l) for l in range(n_layers)]
-    state_names = [h.format(l=l) for h in _STATE_HOOKS.values() for l in range(n_layers)]
+    state_names = [hook_name(h, l) for h in _STATE_HOOKS.values() for l in range(n_layers)]
     if all(n in model.hook_dict for n in state_names):
         names += state_names
     cache = DynamicCache()
@@ -233,7 +232,7 @@ def _clean_run(model: Any, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[st
     acts = torch.stack([saved[neuron_hook_name(l)] for l in range(n_layers)])
     state = {}
     if all(n in saved for n in state_names):
-        state = {key: torch.stack([saved[h.format(l=l)] for l in range(n_layers)]) for key, h in _STATE_HOOKS.items()}
+        state = {key: torch.stack([saved[hook_name(h, l)] for l in range(n_layers)]) for key, h in _STATE_HOOKS.items()}
     return logits.detach(), cache, acts, state
 
 
