@@ -11,6 +11,8 @@ from memloc.ablation import ablate, n_selected, select_top_k
 
 torch.set_num_threads(1)
 nan = math.nan
+#: Measured on the README example: accuracy 1.0 -> 0.98 (one suffix token of 50), random 5%: 1.0.
+README_MIN_DROP = 0.02 - 1e-6
 
 
 @pytest.fixture(scope="module")
