@@ -143,11 +143,25 @@ def check_method_kwargs(method_kwargs: Mapping[str, Mapping] | None, methods: Ma
     return out
 
 
+#: Hyperparameters that do not change a method's scores (not filled in from the declared defaults).
+_NOT_SCORE_AFFECTING = frozenset({"progress_bar", "history"})
+
+
 def with_defaults(fn: Callable, kwargs: Mapping, **defaults: Any) -> dict:
     """``kwargs`` plus each of ``defaults`` that ``fn`` accepts as a keyword
     (:func:`accepted_hyperparameters`; a method taking ``**kwargs`` gets none of them) and
-    ``kwargs`` does not set (an explicit value in ``kwargs`` always wins)."""
-    out = dict(kwargs)
+    ``kwargs`` does not set (an explicit value in ``kwargs`` always wins).
+
+    For a registered method the declared defaults of its record (:data:`memloc.localize.METHODS`)
+    are filled in as well, so the benchmarks' score-cache keys name every hyperparameter a call runs
+    with: a change of a library default (e.g. SLIMMING's per-neuron λ) is a new cache entry, never
+    a stale hit."""
+    from ..localize import METHODS, Method
+
+    record = fn if isinstance(fn, Method) else next((r for r in METHODS.values() if fn is r.fn), None)
+    declared = {} if record is None else {k: v for k, v in record.defaults.items()
+                                          if k not in _NOT_SCORE_AFFECTING}
+    out = {**declared, **kwargs}
     accepted = accepted_hyperparameters(fn)
     if accepted is None:
         return out
