@@ -557,6 +557,15 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             if em_via == "teacher_forced" and len({x.shape[1] for x in ev}) == 1:
                 eval_fwd = partial_forward(model, torch.cat(ev), 0, cont, what="sparse fine-tuning evaluation")
         rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
+        if em_via == "teacher_forced" and any(r["em"] != seq - prefix_len for r in rows
+                                              if r["split"] == "non-memorized"):
+            # the NMP reference is the model's own greedy continuation: its teacher-forced EM must be T.
+            # If not, this model's greedy (KV-cache) decoding and its full forward disagree (near-tied
+            # logits, e.g. a random-weight model): read every EM off greedy decoding instead.
+            logger.warning("sparse_finetune: teacher-forced EM disagrees with greedy decoding on this model; "
+                           "decoding every step instead (slower)")
+            em_via, eval_fwd = "greedy", None
+            rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
         losses = []
         for step in progress(range(1, steps + 1), enabled=progress_bar, desc=f"sparse {objective} ({mask})",
                              total=steps):
