@@ -69,7 +69,6 @@ def render(ctx: RunContext, r: DelStageResult) -> str:
     ctx.table("del", flat, "del_table3", index=True)
     ctx.table("del", res.confusion_long(), "del_confusion")
     table_fig = del_table_figure(t, title="DEL benchmark (Chang et al. Table 3)")
-    table_fig.update_layout(height=220 + 50 * len(t))  # room for wrapped method names
     ctx.fig("del", table_fig, "table3_del")
     ratio = max(r.ratios)
     best = r.column("ΔSelf-Acc %").sort_values()

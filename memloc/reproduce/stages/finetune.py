@@ -38,6 +38,7 @@ class FinetuneResult:
 
 def compute(ctx: RunContext, inputs: Inputs) -> FinetuneResult:
     from ...contrastive import sparse_finetune
+    from ...metrics import greedy_continuation
 
     s, mem = ctx.settings, inputs["memorization"]
     mp, nmp = ctx.device_tokens(mem.mp[:s.n_finetune]), ctx.device_tokens(mem.nmp)
@@ -48,12 +49,15 @@ def compute(ctx: RunContext, inputs: Inputs) -> FinetuneResult:
         edit_mp = ctx.device_tokens(pmps.original[:n_edit])
         targets = ctx.device_tokens(pmps.perturbed[:n_edit, mem.prefix_len:])
         jobs += [("edit", m, edit_mp, targets) for m in s.finetune_masks]
+    # the NMPs' greedy continuation is the same for every variant: decode it once (exact)
+    nmp_cont = greedy_continuation(ctx.model, nmp, mem.prefix_len, batch_size=s.batch_size)
     frames = []
     for objective, mask, x, tgt in progress(jobs, enabled=ctx.progress_bar, desc="sparse fine-tuning",
                                             total=len(jobs)):
         frames.append(sparse_finetune(ctx.model, x, nmp, mem.prefix_len, objective=objective, mask=mask,
                                       fraction=s.finetune_fraction, steps=s.finetune_steps, lr=s.finetune_lr, seed=0,
-                                      edit_targets=tgt, batch_size=s.batch_size, progress_bar=False))
+                                      edit_targets=tgt, batch_size=s.batch_size, progress_bar=False,
+                                      non_memorized_continuation=nmp_cont))
     return FinetuneResult(pd.concat(frames, ignore_index=True), tuple(s.finetune_masks), s.finetune_fraction, mem.T)
 
 
