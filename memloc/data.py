@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._checks import check_choice
 
-__all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts",
+__all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts", "retokenized_paragraphs",
            "random_sequences", "tuned_hyperparameters", "tuning_dev_ids",
            "PARAGRAPH_SETS"]
 
@@ -193,3 +193,40 @@ def tokenize_texts(model: Any, texts: list[str], *, max_len: int | None = None, 
             raise ValueError(f"texts[{i}] has {len(ids)} tokens; at least {min_len} are needed")
         out.append(torch.tensor(ids, dtype=torch.long))
     return out
+
+
+def retokenized_paragraphs(model: Any, name: str = "gpt-neo-125m", *, prefix_len: int = 50,
+                           seq_len: int = 100) -> ParagraphSet:
+    """A bundled paragraph set re-encoded with ``model``'s own tokenizer, for models whose
+    vocabulary no bundled token set matches (e.g. SmolLM2's 49,152 tokens).
+
+    Only ``"gpt-neo-125m"`` carries its text (the 442 Pile paragraphs GPT-Neo 125M reproduces
+    verbatim, Stoehr et al.; heavily duplicated web text: licences, code, boilerplate, so the
+    likeliest memorization candidates for another web-trained model).  Each text is tokenized
+    without special tokens; texts shorter than ``seq_len`` tokens are dropped, the others cut to
+    their first ``seq_len`` tokens.  The table keeps the source ``id``, GPT-Neo's ``count`` and
+    its measured ``em_ref``/``nll_ref`` (those refer to GPT-Neo, not to ``model``).
+
+    Raises:
+        ValueError: no tokenizer on the model, bad lengths, or no text long enough.
+    """
+    check_choice(name, "name", ("gpt-neo-125m",))
+    for v, n in ((prefix_len, "prefix_len"), (seq_len, "seq_len")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{n} must be a positive int, got {v!r}")
+    if prefix_len >= seq_len:
+        raise ValueError(f"prefix_len must be < seq_len ({seq_len}), got {prefix_len}")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer; re-encoding the paragraph texts needs one")
+    source = load_paragraphs(name)
+    texts = source.table["text"].tolist()
+    toks = tokenize_texts(model, texts, max_len=seq_len, min_len=1)
+    keep = [i for i, t in enumerate(toks) if len(t) == seq_len]
+    if not keep:
+        raise ValueError(f"no paragraph of {name!r} has {seq_len} tokens under this model's tokenizer")
+    tokens = torch.stack([toks[i] for i in keep])
+    table = source.table.iloc[keep].reset_index(drop=True)
+    tok_name = str(getattr(model.tokenizer, "name_or_path", "") or type(model.tokenizer).__name__)
+    return ParagraphSet(f"{name}-retokenized", tokens, prefix_len, table, tok_name,
+                        notes={"source": name, "n_source": len(texts), "n_kept": len(keep),
+                               "dropped_short": len(texts) - len(keep)})

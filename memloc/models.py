@@ -77,7 +77,35 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
             "or use load_model('tiny') for the embedded model.") from exc
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
     bridge.eval()
+    alias_kv_cache_kwarg(bridge)
     return bridge
+
+
+def _cache_alias_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return args, kwargs
+
+
+def alias_kv_cache_kwarg(bridge: Any) -> int:
+    """Make the bridge's attention components see the KV cache under its new name.
+
+    Hugging Face transformers 5.x renamed the cache argument of migrated architectures (Llama,
+    ...) from ``past_key_values`` to ``cache``: their decoder layers call the attention with
+    ``cache=``, while TransformerLens 4.3's attention bridges read only ``past_key_values`` /
+    ``layer_past``, so the cache stayed empty and every cached step attended to itself alone
+    (greedy decoding of SmolLM2 repeated one token; IG's KV-cache self-check failed).  A
+    forward pre-hook on each attention bridge copies ``cache`` to ``past_key_values``; it is a
+    no-op for architectures that still pass ``past_key_values`` (GPT-2, GPT-Neo).  Installed
+    once by :func:`load_model` (part of building the bridge); returns the number of components
+    hooked (0 if already installed).
+    """
+    if getattr(bridge, "_memloc_cache_alias", None):
+        return 0
+    handles = [module.register_forward_pre_hook(_cache_alias_hook, with_kwargs=True)
+               for module in bridge.modules() if hasattr(module, "_update_kv_cache")]
+    bridge._memloc_cache_alias = handles  # the hook handles (removable)
+    return len(handles)
 
 
 def model_facts(model: Any) -> dict:

@@ -184,10 +184,12 @@ def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
     Returns ``(paragraphs, non_memorized_max_em, note)``: the embedded model's set (vocabulary
     4096; NMP = EM <= 10) or, for GPT-2-vocabulary models such as GPT-Neo 125M (50257), the
     three GPT-Neo sets EM = 50, 30-49 and 11-29 concatenated (NMP = measured EM <= 29, as no
-    EM <= 10 set is bundled).
+    EM <= 10 set is bundled); for any other vocabulary, if the model has a tokenizer, the
+    GPT-Neo memorized paragraphs' texts re-encoded with it (:func:`memloc.data.retokenized_paragraphs`,
+    NMP = EM <= 10).
 
     Raises:
-        ValueError: for other vocabularies (pass ``paragraphs=`` to :func:`reproduce`).
+        ValueError: for other vocabularies without a tokenizer (pass ``paragraphs=`` to :func:`reproduce`).
     """
     vocab = int(model.cfg.d_vocab)
     if vocab == 4096:
@@ -196,8 +198,16 @@ def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
         ps = _concat_sets(["gpt-neo-125m", "gpt-neo-125m-em30-49", "gpt-neo-125m-em11-29"])
         return ps, 29, ("GPT-Neo-125M paragraph sets of Stoehr et al. (EM 50, 30-49, 11-29 as measured on the "
                         "original model); no EM <= 10 set is bundled, so NMP = measured EM <= 29")
+    if getattr(model, "tokenizer", None) is not None:  # e.g. SmolLM2 (49,152): re-encode the GPT-Neo texts
+        from .data import retokenized_paragraphs
+
+        ps = retokenized_paragraphs(model)
+        return ps, 10, (f"no bundled token set matches a vocabulary of {vocab}: the {ps.notes['n_kept']} of "
+                        f"{ps.notes['n_source']} GPT-Neo-125M memorized Pile paragraphs (Stoehr et al.) that are at "
+                        "least 100 tokens long under this model's tokenizer, re-encoded with it; NMP: EM <= 10")
     raise ValueError(f"no bundled paragraph set matches a vocabulary of {vocab} tokens (the embedded model has 4096, "
-                     "GPT-2/GPT-Neo 50257); pass paragraphs= (a memloc.data.ParagraphSet)")
+                     "GPT-2/GPT-Neo 50257) and the model has no tokenizer to re-encode paragraph texts; pass "
+                     "paragraphs= (a memloc.data.ParagraphSet)")
 
 
 def _subset_evenly(n: int, k: int | None) -> np.ndarray:
