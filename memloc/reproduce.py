@@ -135,6 +135,11 @@ QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4,
                  del_ratios=(0.02, 0.1), mask_steps=40, ig_steps=4, n_patching=4)
 
 
+#: ``--quick`` leaves exact ZERO-OUT out of INJ/DEL above this many FFN neurons (GPT-Neo 125M: 36,864
+#: keep it; SmolLM2-135M: 46,080 would spend ~6 CPU-minutes per INJ sequence on it alone).
+QUICK_ZERO_OUT_MAX_NEURONS = 40_000
+
+
 @dataclass
 class ReproduceResult:
     """What :func:`reproduce` did.
@@ -834,6 +839,14 @@ def reproduce(model: Any, out_dir: str | Path = "figures", *, quick: bool = Fals
                              f"{m} " + ", ".join(f"{k}={v:g}" for k, v in kw.items() if k != "max_steps")
                              for m, kw in run.tuned.items())
                          + f"; the {len(dev_ids)} dev paragraphs are left out of the DEL set")
+
+        n_neurons = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+        if quick and "zero_out" in settings.methods and n_neurons > QUICK_ZERO_OUT_MAX_NEURONS:
+            run.s = settings = dataclasses.replace(settings, methods=tuple(m for m in settings.methods
+                                                                          if m != "zero_out"))
+            notes.append(f"--quick: ZERO-OUT left out of INJ and DEL: exact ZERO-OUT runs one pass per neuron and "
+                         f"this model has {n_neurons:,} FFN neurons (> {QUICK_ZERO_OUT_MAX_NEURONS:,}); Chang et al. "
+                         "skip it for Pythia-6.9B too. Run without --quick to include it.")
 
         def timed(stage: str, fn: Callable[[], Any]) -> Any:
             t0 = time.perf_counter()

@@ -20,7 +20,8 @@ regularizer normalization (penalty averaged over the N masked neurons) with
 (307,200 neurons), and a step cap chosen to fit a shared 2-core CPU.  To fit that CPU the sequences are
 truncated to 24 tokens and IG uses 5 Riemann steps (paper: 20); all recorded in the JSON.
 
-Usage: OMP_NUM_THREADS=1 nice -n 10 python scripts/inj_real_model.py [--n 3] [--ratios 0.01 0.001]
+Usage (the committed run): OMP_NUM_THREADS=1 python scripts/inj_real_model.py --ratios 0.01 0.001 --max-len 16 \
+    --mask-steps 80 --inj-max-steps 150   (resumable: finished (sequence, ratio) pairs are kept)
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import memloc
-    from memloc.benchmarks import inj_benchmark, inj_table
-    from memloc.benchmarks.inj import ffn_value_vectors, sample_injection_mask
+    from memloc.benchmarks import inj_table
+    from memloc.benchmarks.inj import ffn_value_vectors, injected, recall_at_k, sample_injection_mask
     from memloc.plots import inj_recall_bars, save
     from memloc.real_models import build_smollm2
 
@@ -85,14 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     clean_norms = torch.stack([v.param.detach().norm(dim=0 if v.neuron_axis == 1 else 1)
                                for v in ffn_value_vectors(model)]).cpu()  # [layer, neuron] before any injection
-    norm_calls: list[torch.Tensor] = []
     timings: dict[str, list[float]] = {}
 
     def value_norm(model, tokens, prefix_len):
         """VALUE NORM diagnostic: A^l(j) = ||v^l_j|| of the (injected) model; the input is unused."""
-        s = torch.stack([v.param.detach().norm(dim=0 if v.neuron_axis == 1 else 1) for v in ffn_value_vectors(model)])
-        norm_calls.append(s.cpu().clone())
-        return s
+        return torch.stack([v.param.detach().norm(dim=0 if v.neuron_axis == 1 else 1) for v in ffn_value_vectors(model)])
 
     def timed(name, fn):
         def run(model, tokens, prefix_len, **kw):
@@ -108,29 +106,51 @@ def main(argv: list[str] | None = None) -> int:
     methods["value_norm"] = value_norm
     kwargs = dict(method_kwargs, value_norm={})
     seqs = memloc.load_ecbd()[:args.n]
-    frames, norm_rows, done = [], [], set()
+    toks = memloc.tokenize_texts(model, seqs, max_len=args.max_len)
+    rows, norm_rows, done = [], [], set()
     old_meta = {}
-    if not args.fresh and (out / "smollm2_inj.csv").exists():  # resume: keep finished ratios
-        frames.append(pd.read_csv(out / "smollm2_inj.csv"))
+    if not args.fresh and (out / "smollm2_inj.csv").exists():  # resume: keep finished (sequence, ratio) pairs
+        rows = pd.read_csv(out / "smollm2_inj.csv").to_dict(orient="records")
         norm_rows = pd.read_csv(out / "smollm2_inj_norms.csv").to_dict(orient="records")
-        done = set(frames[0]["ratio"])
+        done = {(int(r["seq_id"]), float(r["ratio"])) for r in norm_rows}
         old_meta = json.loads((out / "smollm2_inj.json").read_text())
         for k, v in old_meta.get("method_seconds", {}).items():
             timings.setdefault(k, []).extend(v)
-        log.info("resuming: ratios %s already done", sorted(done))
-    for r in [r for r in args.ratios if r not in done]:  # one call per ratio, results written after each (masks are seeded by sequence index)
-        t0 = time.perf_counter()
-        norm_calls.clear()
-        df = inj_benchmark(model, methods, sequences=seqs, ratios=[r], method_kwargs=kwargs,
-                           max_steps=args.inj_max_steps, max_len=args.max_len, progress_bar=False)
-        log.info("ratio %g done in %.0f s", r, time.perf_counter() - t0)
-        frames.append(df)
-        for i, after in enumerate(norm_calls):
+        log.info("resuming: %s already done", sorted(done))
+    # inj_benchmark's loop (memloc/benchmarks/inj.py), one (ratio, sequence) at a time so that every finished
+    # injection is written at once: mask seed = sequence index i, RANDOM seed = i, prefix = first token
+    k_multiples = (1, 2, 5)
+    for r in args.ratios:
+        for i, x in enumerate(toks):
+            if (i, r) in done:
+                continue
+            x = x.view(1, -1)
             mask = sample_injection_mask(n_layers, d_mlp, r, i)
-            row = df[(df.seq_id == i)].iloc[0]
+            t0 = time.perf_counter()
+            with injected(model, x, mask, max_steps=args.inj_max_steps) as res:
+                t_inj = time.perf_counter() - t0
+                timings.setdefault("injection", []).append(t_inj)
+                log.info("seq %d ratio %g: injected in %d steps (loss %.4f) in %.0f s", i, r, res.steps,
+                         res.final_loss, t_inj)
+                after = value_norm(model, x, 1).cpu()
+                for name, fn in methods.items():
+                    kw = dict(kwargs[name])
+                    if name == "random":
+                        kw["seed"] = i
+                    scores = fn(model, x, 1, **kw)
+                    for m in k_multiples:
+                        for sel, per_layer in (("per_layer", True), ("across_layers", False)):
+                            rows.append({"seq_id": i, "method": name, "ratio": r, "k": r * m, "k_multiple": m,
+                                         "selection": sel,
+                                         "recall": recall_at_k(scores, mask, r * m, per_layer=per_layer),
+                                         "n_injected": res.n_injected, "inj_steps": res.steps,
+                                         "inj_final_loss": res.final_loss, "inj_converged": res.converged,
+                                         "seq_len": int(x.shape[1])})
+            assert_restored = bool(torch.equal(torch.stack([v.param.detach().norm(dim=0 if v.neuron_axis == 1 else 1)
+                                                            for v in ffn_value_vectors(model)]).cpu(), clean_norms))
             norm_rows.append({
-                "seq_id": i, "ratio": r, "n_injected": int(mask.sum()), "inj_steps": int(row.inj_steps),
-                "inj_final_loss": float(row.inj_final_loss), "inj_converged": bool(row.inj_converged),
+                "seq_id": i, "ratio": r, "n_injected": int(mask.sum()), "inj_steps": res.steps,
+                "inj_final_loss": res.final_loss, "inj_converged": res.converged,
                 "injected_norm_after_mean": float(after[mask].mean()),
                 "injected_norm_after_median": float(after[mask].median()),
                 "injected_norm_before_mean": float(clean_norms[mask].mean()),
@@ -140,43 +160,45 @@ def main(argv: list[str] | None = None) -> int:
                 "untouched_norm_max": float(after[~mask].max()),
                 "growth_mean": float((after[mask] / clean_norms[mask]).mean()),
                 "untouched_changed": bool((after[~mask] != clean_norms[~mask]).any()),
+                "model_restored_after": assert_restored,
             })
-        all_df = pd.concat(frames, ignore_index=True)
-        all_df.to_csv(out / "smollm2_inj.csv", index=False)
-        pd.DataFrame(norm_rows).to_csv(out / "smollm2_inj_norms.csv", index=False)
-        inj_table(all_df).to_csv(out / "smollm2_inj_table2.csv")
-        inj_table(all_df, selection="across_layers").to_csv(out / "smollm2_inj_table6_across_layers.csv")
-        meta = {
-            "model": "SmolLM2-135M-Instruct (float32, dequantized Q4_1; memloc.real_models.build_smollm2)",
-            "facts": memloc.model_facts(model),
-            "sequences": {"source": "ECBD-2021 definitions (memloc.load_ecbd), the first n, truncated to max_len "
-                                    "tokens", "n": args.n, "max_len": args.max_len, "texts": seqs},
-            "ratios_done": sorted(set(all_df.ratio), reverse=True), "ratios_requested": args.ratios,
-            "injection": {"lr": 1e-2, "max_steps": args.inj_max_steps, "target_loss": 0.05,
-                          "mask_seed": "sequence index"},
-            "method_kwargs": method_kwargs,
-            "mask_lambda_parameterization": (
-                "authors' (MemPi) normalization: lam multiplies the penalty averaged over the N masked neurons; "
-                f"lam = 1000 * N / 307200 = {lam:.4f} (N = {n_neurons}), the per-neuron pressure of lam=1000 on "
-                "GPT2-XL"),
-            "zero_out": "skipped: exact ZERO-OUT over 46,080 neurons is hours on 2 CPU cores; Chang et al. skip "
-                        "ZERO-OUT for Pythia-6.9B too",
-            "value_norm": "diagnostic method: score = value-vector norm of the injected model",
-            "method_seconds": {k: [round(x, 2) for x in v] for k, v in timings.items()},
-            "total_seconds": round(time.perf_counter() - t_all + old_meta.get("total_seconds", 0.0), 1),
-            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs; torch threads "
-                       f"{torch.get_num_threads()}; nice 10",
-            "torch": torch.__version__,
-        }
-        (out / "smollm2_inj.json").write_text(json.dumps(meta, indent=1) + "\n")
-        fig = inj_recall_bars(all_df, title="INJ on SmolLM2-135M-Instruct (real weights): Recall@k% of injected "
-                                            "neurons, top-k per layer")
-        try:
-            save(fig, out / "smollm2_inj_recall", png=not args.no_png)
-        except RuntimeError as exc:
-            log.warning("%s; wrote HTML only", exc)
-            save(fig, out / "smollm2_inj_recall", png=False)
-        print(inj_table(all_df).round(1).to_string(), flush=True)
+            all_df = pd.DataFrame(rows)
+            all_df.to_csv(out / "smollm2_inj.csv", index=False)
+            pd.DataFrame(norm_rows).to_csv(out / "smollm2_inj_norms.csv", index=False)
+            inj_table(all_df).to_csv(out / "smollm2_inj_table2.csv")
+            inj_table(all_df, selection="across_layers").to_csv(out / "smollm2_inj_table6_across_layers.csv")
+            meta = {
+                "model": "SmolLM2-135M-Instruct (float32, dequantized Q4_1; memloc.real_models.build_smollm2)",
+                "facts": memloc.model_facts(model),
+                "sequences": {"source": "ECBD-2021 definitions (memloc.load_ecbd), the first n, truncated to "
+                                        "max_len tokens", "n": args.n, "max_len": args.max_len, "texts": seqs},
+                "done": sorted([int(a["seq_id"]), float(a["ratio"])] for a in norm_rows),
+                "ratios_requested": args.ratios,
+                "injection": {"lr": 1e-2, "max_steps": args.inj_max_steps, "target_loss": 0.05,
+                              "mask_seed": "sequence index", "prefix_len": 1},
+                "method_kwargs": method_kwargs,
+                "mask_lambda_parameterization": (
+                    "authors' (MemPi) normalization: lam multiplies the penalty averaged over the N masked neurons; "
+                    f"lam = 1000 * N / 307200 = {lam:.4f} (N = {n_neurons}), the per-neuron pressure of lam=1000 "
+                    "on GPT2-XL"),
+                "zero_out": "skipped: exact ZERO-OUT over 46,080 neurons costs minutes of CPU per sequence on a "
+                            "shared 2-core machine; Chang et al. skip ZERO-OUT for Pythia-6.9B too",
+                "value_norm": "diagnostic method: score = value-vector norm of the injected model",
+                "method_seconds": {k: [round(v, 2) for v in vs] for k, vs in timings.items()},
+                "total_seconds": round(time.perf_counter() - t_all + old_meta.get("total_seconds", 0.0), 1),
+                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs (load average "
+                           f"{os.getloadavg()[0]:.0f}); torch threads {torch.get_num_threads()}",
+                "torch": torch.__version__,
+            }
+            (out / "smollm2_inj.json").write_text(json.dumps(meta, indent=1) + "\n")
+            fig = inj_recall_bars(all_df, title="INJ on SmolLM2-135M-Instruct (real weights): Recall@k% of injected "
+                                                "neurons, top-k per layer")
+            try:
+                save(fig, out / "smollm2_inj_recall", png=not args.no_png)
+            except RuntimeError as exc:
+                log.warning("%s; wrote HTML only", exc)
+                save(fig, out / "smollm2_inj_recall", png=False)
+            print(inj_table(all_df).round(1).to_string(), flush=True)
     print(pd.DataFrame(norm_rows).round(4).to_string(), flush=True)
     return 0
 

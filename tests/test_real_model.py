@@ -277,6 +277,30 @@ def test_memorization_heads_and_perturbation(smol, texts, unchanged):
     assert pert.profile["em_drop_mean"].notna().all()
 
 
+def test_retokenized_paragraphs_for_reproduce(smol):
+    """No bundled token set matches 49,152 tokens: reproduce re-encodes the GPT-Neo paragraph texts."""
+    import types
+
+    from memloc.data import load_paragraphs, retokenized_paragraphs
+    from memloc.reproduce import default_paragraphs
+
+    ps, max_em, note = default_paragraphs(smol)
+    assert ps.name == "gpt-neo-125m-retokenized" and max_em == 10 and "re-encoded" in note
+    assert ps.tokens.shape == (ps.notes["n_kept"], 100) and ps.prefix_len == 50
+    assert int(ps.tokens.max()) < 49152
+    src = load_paragraphs("gpt-neo-125m").table.set_index("id")["text"]
+    for row in (0, len(ps) - 1):  # each row decodes to the start of its source text
+        text = src[int(ps.table["id"].iloc[row])]
+        assert text.startswith(smol.tokenizer.decode(ps.tokens[row]))
+    short = len(src) - ps.notes["n_kept"]
+    n_short = sum(len(smol.tokenizer(t, add_special_tokens=False)["input_ids"]) < 100 for t in src)
+    assert short == ps.notes["dropped_short"] == n_short
+    with pytest.raises(ValueError, match="tokenizer"):
+        retokenized_paragraphs(types.SimpleNamespace(tokenizer=None))
+    with pytest.raises(ValueError, match="prefix_len"):
+        retokenized_paragraphs(smol, prefix_len=100)
+
+
 def test_model_left_unchanged_overall(smol, smol_initial_state, hf, texts):
     """After every test above the shared bridge is exactly as loaded (weights, flags, hooks, grads)
     and still reproduces Hugging Face's logits."""
