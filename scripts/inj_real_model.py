@@ -18,7 +18,7 @@ SLIMMING and HARD CONCRETE get explicit hyperparameters (recorded in the JSON): 
 regularizer normalization (penalty averaged over the N masked neurons) with
 ``lam = 1000 * N / 307,200``, i.e. the per-neuron pressure of the authors' lam=1000 on GPT2-XL
 (307,200 neurons), and a step cap chosen to fit a shared 2-core CPU.  To fit that CPU the sequences are
-truncated to 24 tokens and IG uses 5 Riemann steps (paper: 20); all recorded in the JSON.
+truncated to 16 tokens and IG uses 5 Riemann steps (paper: 20); all recorded in the JSON.
 
 Usage (the committed run): OMP_NUM_THREADS=1 python scripts/inj_real_model.py --ratios 0.01 0.001 --max-len 16 \
     --mask-steps 80 --inj-max-steps 150   (resumable: finished (sequence, ratio) pairs are kept)
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-steps", type=int, default=100, help="step cap of SLIMMING and HARD CONCRETE")
     p.add_argument("--ig-steps", type=int, default=5, help="IG Riemann steps (paper: 20)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
+    p.add_argument("--seqs", type=int, nargs="+", default=None,
+                   help="run only these sequence indices (e.g. one per process, each with its own --out)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="only merge the results of earlier runs in these --out directories into --out")
     p.add_argument("--out", default=str(ROOT / "figures" / "real_model"))
     p.add_argument("--cache-dir", default=None, help="model cache parent (default $MEMLOC_CACHE or ~/.cache/memloc)")
     p.add_argument("--no-png", action="store_true")
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
+    if args.merge:
+        return merge(args.merge, Path(args.out), png=not args.no_png)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import memloc
     from memloc.benchmarks import inj_table
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     k_multiples = (1, 2, 5)
     for r in args.ratios:
         for i, x in enumerate(toks):
-            if (i, r) in done:
+            if (i, r) in done or (args.seqs is not None and i not in args.seqs):
                 continue
             x = x.view(1, -1)
             mask = sample_injection_mask(n_layers, d_mlp, r, i)
@@ -200,6 +206,45 @@ def main(argv: list[str] | None = None) -> int:
                 save(fig, out / "smollm2_inj_recall", png=False)
             print(inj_table(all_df).round(1).to_string(), flush=True)
     print(pd.DataFrame(norm_rows).round(4).to_string(), flush=True)
+    return 0
+
+
+def merge(dirs: list[str], out: Path, *, png: bool = True) -> int:
+    """Concatenate the CSVs of several --seqs runs and redraw tables and figure in ``out``."""
+    import pandas as pd
+
+    from memloc.benchmarks import inj_table
+    from memloc.plots import inj_recall_bars, save
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([pd.read_csv(Path(d) / "smollm2_inj.csv") for d in dirs], ignore_index=True)
+    norms = pd.concat([pd.read_csv(Path(d) / "smollm2_inj_norms.csv") for d in dirs], ignore_index=True)
+    metas = [json.loads((Path(d) / "smollm2_inj.json").read_text()) for d in dirs]
+    dup = norms.duplicated(["seq_id", "ratio"])
+    if dup.any():
+        raise ValueError(f"the same (sequence, ratio) appears in several runs: {norms[dup][['seq_id', 'ratio']].values}")
+    rows = rows.sort_values(["ratio", "seq_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    norms = norms.sort_values(["ratio", "seq_id"], ascending=[False, True]).reset_index(drop=True)
+    rows.to_csv(out / "smollm2_inj.csv", index=False)
+    norms.to_csv(out / "smollm2_inj_norms.csv", index=False)
+    inj_table(rows).to_csv(out / "smollm2_inj_table2.csv")
+    inj_table(rows, selection="across_layers").to_csv(out / "smollm2_inj_table6_across_layers.csv")
+    meta = dict(metas[0])
+    meta["done"] = sorted(d for m in metas for d in m["done"])
+    meta["method_seconds"] = {k: [v for m in metas for v in m["method_seconds"].get(k, [])]
+                              for k in dict.fromkeys(k for m in metas for k in m["method_seconds"])}
+    meta["total_seconds"] = [m["total_seconds"] for m in metas]
+    meta["runs"] = f"{len(dirs)} processes (one per sequence, run side by side), merged with --merge"
+    (out / "smollm2_inj.json").write_text(json.dumps(meta, indent=1) + "\n")
+    fig = inj_recall_bars(rows, title="INJ on SmolLM2-135M-Instruct (real weights): Recall@k% of injected neurons, "
+                                      "top-k per layer")
+    try:
+        save(fig, out / "smollm2_inj_recall", png=png)
+    except RuntimeError as exc:
+        logging.getLogger("inj_real_model").warning("%s; wrote HTML only", exc)
+        save(fig, out / "smollm2_inj_recall", png=False)
+    print(inj_table(rows).round(1).to_string())
+    print(norms.round(4).to_string())
     return 0
 
 
