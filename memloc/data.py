@@ -29,7 +29,7 @@ from torch import Tensor
 from ._checks import check_choice
 from .models import Model
 
-__all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts",
+__all__ = ["ParagraphSet", "load_paragraphs", "load_ecbd", "tokenize_texts", "unigram_counts", "retokenized_paragraphs",
            "random_sequences", "tuned_hyperparameters", "tuning_dev_ids",
            "PARAGRAPH_SETS", "BundledProfile", "PROFILES", "bundled_profile", "default_paragraphs", "select_groups",
            "subset_evenly", "concat_paragraph_sets"]
@@ -299,9 +299,19 @@ def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
     EM <= 10 set is bundled).
 
     Raises:
-        ValueError: for other vocabularies (pass ``paragraphs=`` to :func:`memloc.reproduce.reproduce`).
+        ValueError: for other vocabularies when the model has no tokenizer (otherwise the GPT-Neo
+            paragraphs' texts re-encoded with it, :func:`retokenized_paragraphs`; NMP = EM <= 10), pass
+            ``paragraphs=`` to :func:`memloc.reproduce.reproduce`.
     """
-    profile = bundled_profile(model, required="pass paragraphs= (a memloc.data.ParagraphSet)")
+    profile = bundled_profile(model)
+    if profile is None and getattr(model, "tokenizer", None) is not None:
+        ps = retokenized_paragraphs(model)
+        return ps, 10, (f"no bundled token set matches a vocabulary of {int(model.cfg.d_vocab)}: the "
+                        f"{ps.notes['n_kept']} of {ps.notes['n_source']} GPT-Neo-125M memorized Pile paragraphs "
+                        "(Stoehr et al.) at least 100 tokens long under this model's tokenizer, re-encoded with it; "
+                        "NMP: EM <= 10")
+    profile = bundled_profile(model, required="and the model has no tokenizer to re-encode paragraph texts; pass "
+                                              "paragraphs= (a memloc.data.ParagraphSet)")
     return concat_paragraph_sets(profile.paragraph_sets), profile.non_memorized_max_em, profile.note
 
 
@@ -320,3 +330,40 @@ def select_groups(df: pd.DataFrame, n_mp: int, n_nmp: int) -> tuple[np.ndarray, 
     mp = np.flatnonzero((df["split"] == "memorized").to_numpy())
     nmp = np.flatnonzero((df["split"] == "non-memorized").to_numpy())
     return mp[subset_evenly(len(mp), n_mp)], nmp[subset_evenly(len(nmp), n_nmp)]
+
+
+def retokenized_paragraphs(model: Any, name: str = "gpt-neo-125m", *, prefix_len: int = 50,
+                           seq_len: int = 100) -> ParagraphSet:
+    """A bundled paragraph set re-encoded with ``model``'s own tokenizer, for models whose
+    vocabulary no bundled token set matches (e.g. SmolLM2's 49,152 tokens).
+
+    Only ``"gpt-neo-125m"`` carries its text (the 442 Pile paragraphs GPT-Neo 125M reproduces
+    verbatim, Stoehr et al.; heavily duplicated web text: licences, code, boilerplate, so the
+    likeliest memorization candidates for another web-trained model).  Each text is tokenized
+    without special tokens; texts shorter than ``seq_len`` tokens are dropped, the others cut to
+    their first ``seq_len`` tokens.  The table keeps the source ``id``, GPT-Neo's ``count`` and
+    its measured ``em_ref``/``nll_ref`` (those refer to GPT-Neo, not to ``model``).
+
+    Raises:
+        ValueError: no tokenizer on the model, bad lengths, or no text long enough.
+    """
+    check_choice(name, "name", ("gpt-neo-125m",))
+    for v, n in ((prefix_len, "prefix_len"), (seq_len, "seq_len")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{n} must be a positive int, got {v!r}")
+    if prefix_len >= seq_len:
+        raise ValueError(f"prefix_len must be < seq_len ({seq_len}), got {prefix_len}")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer; re-encoding the paragraph texts needs one")
+    source = load_paragraphs(name)
+    texts = source.table["text"].tolist()
+    toks = tokenize_texts(model, texts, max_len=seq_len, min_len=1)
+    keep = [i for i, t in enumerate(toks) if len(t) == seq_len]
+    if not keep:
+        raise ValueError(f"no paragraph of {name!r} has {seq_len} tokens under this model's tokenizer")
+    tokens = torch.stack([toks[i] for i in keep])
+    table = source.table.iloc[keep].reset_index(drop=True)
+    tok_name = str(getattr(model.tokenizer, "name_or_path", "") or type(model.tokenizer).__name__)
+    return ParagraphSet(f"{name}-retokenized", tokens, prefix_len, table, tok_name,
+                        notes={"source": name, "n_source": len(texts), "n_kept": len(keep),
+                               "dropped_short": len(texts) - len(keep)})

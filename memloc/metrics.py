@@ -16,6 +16,7 @@ under ``torch.no_grad()``, through the model's forward, so hooks that are active
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal, Sequence
 
@@ -29,6 +30,8 @@ from torch import Tensor
 
 from ._checks import check_choice, check_positive_int, check_tokens
 from ._progress import progress
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "suffix_nll", "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
@@ -127,6 +130,12 @@ def _greedy_batch(model: Any, prefix: Tensor, n_new: int, use_cache: bool) -> Te
 
     cache = DynamicCache()
     logits = model(prefix, past_key_values=cache, use_cache=True)
+    if cache.get_seq_length() != prefix.shape[1]:
+        logger.warning("greedy_decode: the model did not fill the KV cache (%d of %d prefix positions cached; a "
+                       "bridge not built by memloc.load_model?); decoding without the cache, one full forward "
+                       "per new token (~%d x the tokens processed)", cache.get_seq_length(), prefix.shape[1],
+                       max(1, (prefix.shape[1] + n_new) // 2))
+        return _greedy_batch(model, prefix, n_new, use_cache=False)
     new = [logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(n_new - 1):
         logits = model(new[-1], past_key_values=cache, use_cache=True)

@@ -250,7 +250,35 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     recorded = None if name_or_path in TINY_NAMES else (str(Path(target).resolve()) if Path(target).is_dir() else target)
     _LOAD_ARGS[bridge] = {"name_or_path": recorded,
                           "device": device, "dtype": dtype, "process_weights": bool(process_weights)}
+    alias_kv_cache_kwarg(bridge)
     return bridge
+
+
+def _cache_alias_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return args, kwargs
+
+
+def alias_kv_cache_kwarg(bridge: Any) -> int:
+    """Make the bridge's attention components see the KV cache under its new name.
+
+    Hugging Face transformers 5.x renamed the cache argument of migrated architectures (Llama,
+    ...) from ``past_key_values`` to ``cache``: their decoder layers call the attention with
+    ``cache=``, while TransformerLens 4.3's attention bridges read only ``past_key_values`` /
+    ``layer_past``, so the cache stayed empty and every cached step attended to itself alone
+    (greedy decoding of SmolLM2 repeated one token; IG's KV-cache self-check failed).  A
+    forward pre-hook on each attention bridge copies ``cache`` to ``past_key_values``; it is a
+    no-op for architectures that still pass ``past_key_values`` (GPT-2, GPT-Neo).  Installed
+    once by :func:`load_model` (part of building the bridge); returns the number of components
+    hooked (0 if already installed).
+    """
+    if getattr(bridge, "_memloc_cache_alias", None):
+        return 0
+    handles = [module.register_forward_pre_hook(_cache_alias_hook, with_kwargs=True)
+               for module in bridge.modules() if hasattr(module, "_update_kv_cache")]
+    bridge._memloc_cache_alias = handles  # the hook handles (removable)
+    return len(handles)
 
 
 def model_facts(model: Model) -> dict:

@@ -135,6 +135,16 @@ def _pool(model: Any, paragraphs: ParagraphSet | None, profile: BundledProfile |
     if paragraphs is None and profile is not None:
         paragraphs, default_max = concat_paragraph_sets(profile.paragraph_sets), profile.non_memorized_max_em
         notes.append(f"paragraphs: {profile.note}")
+    elif paragraphs is None and getattr(model, "tokenizer", None) is not None:
+        from ..data import retokenized_paragraphs
+
+        # e.g. SmolLM2 (49,152 tokens): the GPT-Neo memorized Pile paragraphs' texts re-encoded with
+        # this model's tokenizer (heavily duplicated web text: the likeliest candidates it memorized)
+        paragraphs, default_max = retokenized_paragraphs(model), 10
+        notes.append(f"paragraphs: no bundled token set matches this model's vocabulary ({int(model.cfg.d_vocab)} "
+                     f"tokens): the {paragraphs.notes['n_kept']} of {paragraphs.notes['n_source']} GPT-Neo-125M "
+                     "memorized Pile paragraphs (Stoehr et al.) that are at least 100 tokens long under this model's "
+                     "tokenizer, re-encoded with it; NMP: EM <= 10")
     elif paragraphs is None:
         notes.append(f"paragraphs: no bundled paragraph set fits this model's vocabulary ({int(model.cfg.d_vocab)} "
                      "tokens; bundled: the embedded model's 4096, GPT-2's 50257), so the stages that need paragraphs "
