@@ -173,7 +173,7 @@ def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix
 
 # --------------------------------------------------------------------------- rare tokens (§6.3)
 
-def unigram_counts_from_tokens(tokens: Int[Tensor, "..."], vocab: int) -> Int[Tensor, "vocab"]:
+def unigram_counts_from_tokens(tokens: Int[Tensor, "..."] | Int[np.ndarray, "..."], vocab: int) -> Int[Tensor, "vocab"]:
     """Unigram counts of every token id in ``tokens`` (any shape), length ``vocab`` (Stoehr §6.3).
 
     A stand-in for the training corpus's unigram distribution when only a token sample is at hand.

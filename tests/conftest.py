@@ -20,7 +20,7 @@ TYPECHECK = os.environ.get("MEMLOC_TYPECHECK", "1") != "0"
 if TYPECHECK:
     import jaxtyping
 
-    jaxtyping.install_import_hook("memloc", "beartype.beartype")
+    jaxtyping.install_import_hook("memloc", "tests._typecheck.typechecker")
 
     _raises = pytest.raises
 

@@ -587,7 +587,7 @@ def test_mask_training_partial_forward_equals_full_forward(tiny, memorized, unch
 def test_partial_forward_falls_back_with_a_warning(tiny, memorized, caplog, monkeypatch):
     import memloc.localize._common as C
 
-    x = memorized[0]
+    x = memorized[0][None]
     fn = C.partial_forward(tiny, x, 1, slice(49, 99))
     with torch.no_grad():
         torch.testing.assert_close(fn(), tiny(x)[:, 49:99], rtol=1e-5, atol=1e-5)

@@ -161,14 +161,11 @@ def with_defaults(fn: Callable, kwargs: Mapping, **defaults: Any) -> dict:
     record = fn if isinstance(fn, Method) else next((r for r in METHODS.values() if fn is r.fn), None)
     declared = {} if record is None else {k: v for k, v in record.defaults.items()
                                           if k not in _NOT_SCORE_AFFECTING}
-    out = {**declared, **kwargs}
     accepted = accepted_hyperparameters(fn)
     if accepted is None:
-        return out
-    for key, value in defaults.items():
-        if key not in out and key in accepted:
-            out[key] = value
-    return out
+        return dict(kwargs)
+    given = {key: value for key, value in defaults.items() if key in accepted}
+    return {**declared, **given, **kwargs}  # explicit kwargs win over the given defaults over declared ones
 
 
 def with_sequence_seed(fn: Callable, kwargs: Mapping, index: int) -> dict:

@@ -60,7 +60,7 @@ class BlockInputs:
         self.kwargs: dict[int, dict] = {}
 
 
-def capture_clean(model: Model, tokens: Int[Tensor, "1 seq"], names: list[str], *,
+def capture_clean(model: Model, tokens: Int[Tensor, "batch seq"], names: list[str], *,
                   capture_blocks: bool = True) -> tuple[Tensor, dict[str, Tensor], BlockInputs]:
     """One clean forward: logits, the activations at hook points ``names`` (detached) and the
     block inputs.  Uses TransformerLens hooks for activations and plain torch forward-pre-hooks

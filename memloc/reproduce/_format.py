@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 
 
-def fmt_head(layer: int, head: int) -> str:
+def fmt_head(layer: int | float, head: int | float) -> str:
     """``L1H2``."""
     return f"L{int(layer)}H{int(head)}"
 
 
-def fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float | int) -> str:
     """``42 s`` or ``3 min 05 s``."""
     seconds = max(0.0, float(seconds))
     if seconds < 60:

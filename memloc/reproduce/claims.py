@@ -64,8 +64,12 @@ class Measurement:
     headline number (for comparing models), ``holds`` the verdict of the rule."""
 
     statistic: str
-    value: float
-    holds: bool
+    value: float | int
+    holds: bool | np.bool_
+
+    def __post_init__(self) -> None:  # plain Python types whatever the rule computed with
+        object.__setattr__(self, "value", float(self.value))
+        object.__setattr__(self, "holds", bool(self.holds))
 
 
 @dataclass(frozen=True)

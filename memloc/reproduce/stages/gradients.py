@@ -23,7 +23,7 @@ class GradientsResult:
 
     split: pd.DataFrame
     bins: pd.DataFrame
-    totals: pd.DataFrame
+    totals: pd.DataFrame | None
 
     def layer_shares(self) -> pd.DataFrame:
         """Share of each layer in a group's summed max-|grad| score: [group x layer], rows sum to 1
