@@ -103,8 +103,18 @@ def borrowed(model: Model, *, restore_weights: Iterable[str] | bool = False) -> 
         names = list(restore_weights)
     snapshot = {n: params[n].detach().clone() for n in names}
     before = _handles(model)
+    torch_hooks = {name: set(m._forward_hooks) for name, m in model.named_modules()}
     try:
         yield model
+    except BaseException:
+        # TransformerLens's bridge registers plain torch forward hooks on the wrapped Hugging Face
+        # modules during a forward and removes them when it returns; an exception escaping that
+        # forward leaves them behind.  torch has no public "remove by id", so drop the ones added
+        # since entry from the module's hook dict (what a handle's remove() does).
+        for name, m in model.named_modules():
+            for key in set(m._forward_hooks) - torch_hooks.get(name, set()):
+                m._forward_hooks.pop(key, None)
+        raise
     finally:
         with torch.no_grad():
             for n, t in snapshot.items():

@@ -304,7 +304,7 @@ def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
             ``paragraphs=`` to :func:`memloc.reproduce.reproduce`.
     """
     profile = bundled_profile(model)
-    if profile is None and getattr(model, "tokenizer", None) is not None:
+    if profile is None and can_retokenize(model):
         ps = retokenized_paragraphs(model)
         return ps, 10, (f"no bundled token set matches a vocabulary of {int(model.cfg.d_vocab)}: the "
                         f"{ps.notes['n_kept']} of {ps.notes['n_source']} GPT-Neo-125M memorized Pile paragraphs "
@@ -330,6 +330,13 @@ def select_groups(df: pd.DataFrame, n_mp: int, n_nmp: int) -> tuple[np.ndarray, 
     mp = np.flatnonzero((df["split"] == "memorized").to_numpy())
     nmp = np.flatnonzero((df["split"] == "non-memorized").to_numpy())
     return mp[subset_evenly(len(mp), n_mp)], nmp[subset_evenly(len(nmp), n_nmp)]
+
+
+def can_retokenize(model: Any) -> bool:
+    """Whether ``model`` has a tokenizer whose ids fit its vocabulary (so that bundled paragraph
+    texts can be re-encoded for it with :func:`retokenized_paragraphs`)."""
+    tok = getattr(model, "tokenizer", None)
+    return tok is not None and len(tok) <= int(model.cfg.d_vocab)
 
 
 def retokenized_paragraphs(model: Any, name: str = "gpt-neo-125m", *, prefix_len: int = 50,

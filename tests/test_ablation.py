@@ -11,8 +11,8 @@ from memloc.ablation import ablate, n_selected, select_top_k
 
 torch.set_num_threads(1)
 nan = math.nan
-#: Measured on the README example: accuracy 1.0 -> 0.98 (one suffix token of 50), random 5%: 1.0.
-README_MIN_DROP = 0.02 - 1e-6
+#: Measured on the README example: accuracy 1.0 -> 0.86 (7 suffix tokens of 50), random 10%: 1.0.
+README_MIN_DROP = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +94,21 @@ def test_readme_composition_with_partial_zero_out_map(tiny, memorized, unchanged
 
 @pytest.mark.slow
 def test_readme_headline_example_has_an_effect(tiny, tiny_paragraphs):
-    """README Quick start: HARD CONCRETE with its defaults on the first memorized paragraph, top 5%
-    per layer above layer 0 dropped: the accuracy falls clearly, unlike for 5% random neurons."""
+    """README Quick start: HARD CONCRETE with its defaults (masks above layer 0) on the first memorized
+    paragraph, top 10% per layer above layer 0 dropped: the accuracy falls clearly, unlike for 10%
+    random neurons."""
     from memloc.localize import METHODS
     from memloc.metrics import teacher_forced
 
     t = tiny_paragraphs.table
     x = tiny_paragraphs.tokens[t.index[t["em_ref"] >= 50].tolist()[:1]]
     before = float(teacher_forced(tiny, x, 50)["accuracy"][0])
-    scores = METHODS["hard_concrete"](tiny, x, 50, progress_bar=False)
-    with ablate(tiny, select_top_k(scores, 0.05, exclude_layers=[0])):
+    scores = METHODS["hard_concrete"](tiny, x, 50, start_layer=1, progress_bar=False)
+    with ablate(tiny, select_top_k(scores, 0.1, exclude_layers=[0])):
         after = float(teacher_forced(tiny, x, 50)["accuracy"][0])
     rand = []
     for seed in range(3):
-        with ablate(tiny, select_top_k(METHODS["random"](tiny, x, 50, seed=seed), 0.05, exclude_layers=[0])):
+        with ablate(tiny, select_top_k(METHODS["random"](tiny, x, 50, seed=seed), 0.1, exclude_layers=[0])):
             rand.append(float(teacher_forced(tiny, x, 50)["accuracy"][0]))
     assert before == 1.0
     assert after <= before - README_MIN_DROP and after < min(rand) - README_MIN_DROP, (after, rand)

@@ -49,7 +49,7 @@ def test_package_metadata_has_an_spdx_licence_and_no_setuptools_warning(tmp_path
 
 def test_makefile_opens_the_notebooks_and_cites_existing_files():
     make = (ROOT / "Makefile").read_text()
-    assert re.search(r"^notebooks: install\n\t\$\(BIN\)/jupyter lab notebooks/", make, re.M)
+    assert re.search(r"^notebooks: install\n(\t\$\(BIN\)/pip install .*\n)?\t\$\(BIN\)/jupyter lab notebooks/", make, re.M)
     for cited in re.findall(r"\b([A-Za-z_]+\.md)\b", make):
         assert (ROOT / cited).exists(), f"the Makefile cites {cited}, which is not in the repository"
     import tomllib

@@ -112,7 +112,6 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.architectures.model_type": lambda m, d: _c("memloc.architectures.model_type")(m),
     "memloc.benchmarks._scores.localize_cached": lambda m, d: _c("memloc.benchmarks._scores.localize_cached")(
         m, "random", _c(R), d.x[:1], P, cache_dir=d.tmp),
-    "memloc.benchmarks._scores.model_fingerprint": lambda m, d: _c("memloc.benchmarks._scores.model_fingerprint")(m),
     "memloc.benchmarks.dele.del_benchmark": lambda m, d: _c("memloc.benchmarks.dele.del_benchmark")(
         m, ["random"], d.x, P, targets=[0], ratios=(0.01,), random_tokens=d.nmp, progress_bar=False),
     "memloc.benchmarks.dele.memorized_set": lambda m, d: _c("memloc.benchmarks.dele.memorized_set")(m, "tiny", n=2),
@@ -192,7 +191,28 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
         m, d.x, P, positions=[3], drop_unchanged=False, progress_bar=False),
     "memloc.perturb.perturbation_profile": lambda m, d: _c("memloc.perturb.perturbation_profile")(
         m, d.x, P, positions=[2, 3], progress_bar=False),
-    "memloc.reproduce.default_paragraphs": lambda m, d: _c("memloc.reproduce.default_paragraphs")(m),
+    "memloc.cache.model_fingerprint": lambda m, d: _c("memloc.cache.model_fingerprint")(m),
+    "memloc.data.bundled_profile": lambda m, d: _c("memloc.data.bundled_profile")(m),
+    "memloc.data.default_paragraphs": lambda m, d: _c("memloc.data.default_paragraphs")(m),
+    "memloc.data.retokenized_paragraphs": lambda m, d: _c("memloc.data.retokenized_paragraphs")(m),
+    "memloc.localize._common.partial_forward": lambda m, d: _c("memloc.localize._common.partial_forward")(
+        m, d.x, 1, slice(P - 1, d.x.shape[1] - 1))(),
+    "memloc.metrics.exact_match_teacher_forced": lambda m, d: _c("memloc.metrics.exact_match_teacher_forced")(
+        m, d.x, P),
+    **{f"memloc.localize._ig_direct.{n}": Skip("an internal step of integrated_gradients (its own case runs the "
+                                               "direct path on this model)")
+       for n in ("DirectWeights", "default_batch", "direct_weights", "model_type")},
+    **{f"memloc.localize._ig_kv_cache.{n}": Skip("an internal step of integrated_gradients' KV-cache path "
+                                                 "(tests/test_localize.py and tests/test_dtypes.py run it)")
+       for n in ("cache_passthrough", "check", "default_batch", "gradients")},
+    "memloc.localize._masks.train_masks": Skip("the loop inside slimming and hard_concrete, which have cases"),
+    **{f"memloc.localize.reference.{n}": Skip("the papers' slow reference loops (tests/test_localize.py compares "
+                                              "every fast path with them)")
+       for n in ("reference_attribution_patching", "reference_integrated_gradients", "reference_loss",
+                 "reference_zero_out")},
+    "memloc.reproduce.context.RunContext": Skip("the record of one reproduce run (tests/test_reproduce.py)"),
+    "memloc.reproduce.context.build_context": Skip("called by reproduce, which runs inside `unchanged` in "
+                                                   "tests/test_reproduce.py"),
     "memloc.reproduce.reproduce": Skip("the whole pipeline (minutes); tests/test_reproduce.py runs it on the "
                                        "embedded model inside `unchanged`"),
 }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import SupportsInt
+
 import pandas as pd
 
 
-def fmt_head(layer: int | float, head: int | float) -> str:
+def fmt_head(layer: SupportsInt, head: SupportsInt) -> str:
     """``L1H2``."""
     return f"L{int(layer)}H{int(head)}"
 

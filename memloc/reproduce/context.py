@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._checks import check_positive_int, check_tokens
 from ..cache import ContentCache, digest, model_fingerprint
-from ..data import BundledProfile, ParagraphSet, bundled_profile, concat_paragraph_sets
+from ..data import BundledProfile, ParagraphSet, bundled_profile, concat_paragraph_sets, can_retokenize
 from .settings import CSV_FLOAT_FORMAT, STAGES, ReproduceResult, Settings
 
 logger = logging.getLogger("memloc.reproduce")
@@ -129,13 +129,14 @@ def _check_inputs(model: Any, settings: Any, paragraphs: Any, frequencies: Any) 
                          f"{type(frequencies).__name__} {tuple(getattr(frequencies, 'shape', ()))}")
 
 
+
 def _pool(model: Any, paragraphs: ParagraphSet | None, profile: BundledProfile | None,
           non_memorized_max_em: int | None, notes: list[str]) -> tuple[ParagraphSet | None, int | None]:
     """The paragraph pool and its NMP threshold (validated)."""
     if paragraphs is None and profile is not None:
         paragraphs, default_max = concat_paragraph_sets(profile.paragraph_sets), profile.non_memorized_max_em
         notes.append(f"paragraphs: {profile.note}")
-    elif paragraphs is None and getattr(model, "tokenizer", None) is not None:
+    elif paragraphs is None and can_retokenize(model):
         from ..data import retokenized_paragraphs
 
         # e.g. SmolLM2 (49,152 tokens): the GPT-Neo memorized Pile paragraphs' texts re-encoded with
