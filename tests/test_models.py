@@ -164,6 +164,9 @@ def test_missing_path_says_no_such_directory(name, monkeypatch):
 
 
 def test_load_model_hides_the_loading_bar_when_progress_is_off(monkeypatch, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # a CLI test's `-q` in this worker may have switched it off
     monkeypatch.setenv("MEMLOC_PROGRESS", "0")
     load_model("tiny")
     assert "Loading weights" not in capfd.readouterr().err
