@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
             }
             (out / "smollm2_inj.json").write_text(json.dumps(meta, indent=1) + "\n")
-            fig = inj_recall_bars(all_df, title="INJ on SmolLM2-135M-Instruct (real weights): Recall@k% of injected "
-                                                "neurons, top-k per layer")
+            fig = inj_recall_bars(all_df, title="SmolLM2-135M-Instruct INJ: Recall@k% of injected neurons "
+                                                "(top-k per layer)")
             try:
                 save(fig, out / "smollm2_inj_recall", png=not args.no_png)
             except RuntimeError as exc:
@@ -236,8 +236,8 @@ def merge(dirs: list[str], out: Path, *, png: bool = True) -> int:
     meta["total_seconds"] = [m["total_seconds"] for m in metas]
     meta["runs"] = f"{len(dirs)} processes (one per sequence, run side by side), merged with --merge"
     (out / "smollm2_inj.json").write_text(json.dumps(meta, indent=1) + "\n")
-    fig = inj_recall_bars(rows, title="INJ on SmolLM2-135M-Instruct (real weights): Recall@k% of injected neurons, "
-                                      "top-k per layer")
+    fig = inj_recall_bars(rows, title="SmolLM2-135M-Instruct INJ: Recall@k% of injected neurons "
+                                      "(top-k per layer)")
     try:
         save(fig, out / "smollm2_inj_recall", png=png)
     except RuntimeError as exc:
