@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,11 @@ def _tuning(profile: BundledProfile | None, paragraphs: ParagraphSet | None, sta
     return tuned, dev_ids
 
 
+#: ``--quick`` leaves exact ZERO-OUT out of INJ/DEL above this many FFN neurons (GPT-Neo 125M's 36,864
+#: keep it; SmolLM2-135M's 46,080 would spend ~6 CPU-minutes per INJ sequence on it alone).
+QUICK_ZERO_OUT_MAX_NEURONS = 40_000
+
+
 def build_context(model: Any, out_dir: str | Path, *, settings: Settings, stages: list[str],
                   paragraphs: ParagraphSet | None, non_memorized_max_em: int | None, frequencies: Tensor | None,
                   cache_dir: str | Path | None, png: bool, model_name: str, progress_bar: bool,
@@ -207,6 +213,12 @@ def build_context(model: Any, out_dir: str | Path, *, settings: Settings, stages
     """Validate every input (ValueError before any work) and build the run's context."""
     _check_inputs(model, settings, paragraphs, frequencies)
     notes: list[str] = []
+    n_neurons = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+    if quick and "zero_out" in settings.methods and n_neurons > QUICK_ZERO_OUT_MAX_NEURONS:
+        settings = dataclasses.replace(settings, methods=tuple(m for m in settings.methods if m != "zero_out"))
+        notes.append(f"--quick: ZERO-OUT left out of INJ and DEL: exact ZERO-OUT runs one pass per neuron and this "
+                     f"model has {n_neurons:,} FFN neurons (> {QUICK_ZERO_OUT_MAX_NEURONS:,}); Chang et al. skip it "
+                     "for Pythia-6.9B too. Run without --quick to include it.")
     profile = bundled_profile(model)
     paragraphs, nmp_max_em = _pool(model, paragraphs, profile, non_memorized_max_em, notes)
     freq, freq_note = _frequencies(model, profile, paragraphs, frequencies)
