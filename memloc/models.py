@@ -281,6 +281,21 @@ def alias_kv_cache_kwarg(bridge: Any) -> int:
     return len(handles)
 
 
+@contextlib.contextmanager
+def kv_cache_kwarg_aliased(bridge: Any) -> Iterator[None]:
+    """:func:`alias_kv_cache_kwarg` for the duration of a block, for bridges not built by
+    :func:`load_model` (which installs it for good): hooks installed here are removed on exit, also
+    on exceptions, so a borrowed model is handed back unchanged.  A no-op when already installed."""
+    installed = alias_kv_cache_kwarg(bridge)
+    try:
+        yield
+    finally:
+        if installed:
+            for handle in bridge._memloc_cache_alias:
+                handle.remove()
+            bridge._memloc_cache_alias = None
+
+
 def model_facts(model: Model) -> dict:
     """Architecture facts: family, layers, heads, d_model, d_mlp, d_head, n_ctx, vocabulary, gating."""
     cfg = model.cfg

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 
 import memloc.localize as loc
 from memloc import load_model
-from memloc.localize._common import check_tolerance
+from memloc.localize._common import capture_clean, check_tolerance
 from memloc.localize.reference import reference_integrated_gradients, reference_zero_out
 
 KINDS = ("gpt-neo", "gpt2", "neox", "llama")
@@ -104,16 +104,50 @@ def test_float64_matches_papers_loops(models, kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["gpt-neo", "llama"])
 def test_half_precision_ranks_like_float32(models, kind, dtype):
-    """The half-precision fast paths compute the same attribution as in float32, up to rounding.
-    ZERO-OUT's single-neuron loss changes are the smallest quantities here and bfloat16 keeps 8
-    bits of mantissa: the least important neurons' ranks are rounding noise (measured 0.934 on
-    the random Llama in bfloat16), so its bound is lower."""
+    """The half-precision fast paths compute the same attribution as in float32, up to rounding
+    (issue 11 target: Spearman >= 0.99).  ZERO-OUT re-runs the blocks after the ablated layer in
+    float32 by default; re-run in the model's own half precision (``compute_dtype=dtype``), the
+    single-neuron loss changes fall below the resolution of the residual stream and rank worse."""
     m32, mh = models(kind, torch.float32), models(kind, dtype)
     x = _tokens(m32, seed=2)
-    for name, bound in (("activations", 0.99), ("integrated_gradients", 0.95), ("zero_out", 0.9)):
+    rho = {}
+    for name in ("activations", "integrated_gradients", "zero_out"):
         a, b = CALLS[name](m32, x), CALLS[name](mh, x)
-        rho = spearmanr(a.flatten().numpy(), b.flatten().numpy())[0]
-        assert rho > bound, (name, rho)
+        rho[name] = spearmanr(a.flatten().numpy(), b.flatten().numpy())[0]
+    a = CALLS["zero_out"](m32, x)
+    half = loc.zero_out(mh, x, PREFIX, batch_size=128, compute_dtype=dtype, **FAST)
+    rho["zero_out_in_half"] = spearmanr(a.flatten().numpy(), half.flatten().numpy())[0]
+    assert min(rho["activations"], rho["integrated_gradients"], rho["zero_out"]) >= 0.99, rho
+    assert rho["zero_out"] > rho["zero_out_in_half"], rho
+
+
+def test_call_in_dtype_leaves_module_as_found(models):
+    """call_in_dtype computes a block in float64 without touching its float32 weights (under any of
+    the bridge's module paths: torch.func.functional_call failed this), and agrees with the float32
+    call to float32 rounding."""
+    from memloc.localize._common import call_in_dtype
+
+    m = models("llama", torch.float32)
+    block = m.blocks[1]
+    state = lambda: {n: (p.dtype, p.data_ptr()) for n, p in m.named_parameters(remove_duplicate=False)}  # noqa: E731
+    before, every_alias = {n: p.detach().clone() for n, p in block.named_parameters()}, state()
+    x = torch.randn(2, SEQ, m.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    _, _, inputs = capture_clean(m, _tokens(m), [])
+    out64 = call_in_dtype(block, torch.float64, x, *inputs.args[1], **inputs.kwargs[1])
+    out64 = out64[0] if isinstance(out64, tuple) else out64
+    out32 = block(x, *inputs.args[1], **inputs.kwargs[1])
+    out32 = out32[0] if isinstance(out32, tuple) else out32
+    assert out64.dtype == torch.float64 and out32.dtype == torch.float32
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-4, atol=1e-5)
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in block.named_parameters())
+    assert state() == every_alias  # every path to every weight: same tensor, same dtype
+
+
+def test_zero_out_rejects_bad_compute_dtype(models):
+    m = models("gpt2", torch.float32)
+    for bad in (torch.int32, "int8", "no_such_dtype", 3):
+        with pytest.raises(ValueError, match="compute_dtype"):
+            loc.zero_out(m, _tokens(m), PREFIX, compute_dtype=bad, **FAST)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -204,7 +204,7 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
        for n in ("DirectWeights", "default_batch", "direct_weights", "model_type")},
     **{f"memloc.localize._ig_kv_cache.{n}": Skip("an internal step of integrated_gradients' KV-cache path "
                                                  "(tests/test_localize.py and tests/test_dtypes.py run it)")
-       for n in ("cache_passthrough", "check", "default_batch", "gradients")},
+       for n in ("check", "default_batch", "gradients")},
     "memloc.localize._masks.train_masks": Skip("the loop inside slimming and hard_concrete, which have cases"),
     **{f"memloc.localize.reference.{n}": Skip("the papers' slow reference loops (tests/test_localize.py compares "
                                               "every fast path with them)")

@@ -221,6 +221,30 @@ def test_integrated_gradients_takes_kv_cache_path(smol, texts, unchanged, no_fal
     assert torch.allclose(part[29].cpu(), ref[29].cpu(), rtol=1e-3, atol=1e-4 * float(ref[29].abs().max()))
 
 
+def test_integrated_gradients_kv_cache_on_bridge_without_alias(smol, texts, unchanged, no_fallback):
+    """A bridge not built by load_model has no ``cache=`` alias: IG installs it for the call
+    (memloc.models.kv_cache_kwarg_aliased), still takes the kv_cache path with the same scores, and
+    removes it again (the model is handed back as found, without the alias)."""
+    from memloc.models import alias_kv_cache_kwarg
+
+    x = _loc_tokens(texts)
+    kw = dict(steps=2, layers=[3], positions=[LOC_SEQ - 2], progress_bar=False)
+    with_alias = memloc.localize.METHODS["integrated_gradients"](smol, x, LOC_PREFIX, **kw)
+    for h in smol._memloc_cache_alias:
+        h.remove()
+    smol._memloc_cache_alias = None
+    try:
+        with unchanged(smol):
+            without = memloc.localize.METHODS["integrated_gradients"](smol, x, LOC_PREFIX, **kw)
+        assert smol._memloc_cache_alias is None  # the call's alias hooks were removed
+    finally:
+        assert alias_kv_cache_kwarg(smol) == N_LAYERS
+    calls = [r.memloc_path for r in no_fallback.records if hasattr(r, "memloc_path") and "integrated" in r.name]
+    assert calls == ["kv_cache", "kv_cache"], calls
+    assert not _warnings(no_fallback), _warnings(no_fallback)
+    torch.testing.assert_close(without, with_alias, equal_nan=True)  # NaN: layers not scored
+
+
 def test_zero_out_subset_fast_path(smol, texts, unchanged, no_fallback, monkeypatch):
     """ZERO-OUT on 2 layers x 48 neurons: the fast (resid-subtraction) path, equal to the
     authors'-style full-forward reference."""

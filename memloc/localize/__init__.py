@@ -137,7 +137,7 @@ METHODS = MethodRegistry([
            defaults=dict(steps=20, batch_size=None, layers=None, positions=None, implementation="auto",
                          progress_bar=True)),
     Method("zero_out", zero_out, "Chang et al. Eq. 7", stochastic=False,
-           defaults=dict(batch_size=64, layers=None, neurons=None, progress_bar=True)),
+           defaults=dict(batch_size=64, layers=None, neurons=None, compute_dtype=None, progress_bar=True)),
     Method("slimming", slimming, "Chang et al. Eq. 9 (A.3)", stochastic=False,
            defaults=dict(_MASK_DEFAULTS)),
     Method("hard_concrete", hard_concrete, "Chang et al. Eq. 10-12, 17 (A.4)", stochastic=True,

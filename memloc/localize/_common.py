@@ -25,7 +25,7 @@ from ..models import Model, hook_name, neuron_hook_name
 memorization_loss = suffix_nll
 
 __all__ = ["prepare_sequence", "suffix_positions", "memorization_loss", "BlockInputs", "capture_clean",
-           "run_blocks_from", "logits_at", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error",
+           "run_blocks_from", "logits_at", "call_in_dtype", "w_out", "mlp_out_is_linear", "check_tolerance", "relative_error",
            "partial_forward"]
 
 logger = logging.getLogger(__name__)
@@ -90,18 +90,55 @@ def capture_clean(model: Model, tokens: Int[Tensor, "batch seq"], names: list[st
     return logits.detach(), acts, inputs
 
 
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):  # e.g. rotary (cos, sin)
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+def call_in_dtype(module: torch.nn.Module, dtype: torch.dtype | None, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` computed in ``dtype``: the ``.data`` of its floating parameters
+    and buffers is swapped for a cast copy during this call and swapped back afterwards (also on
+    exceptions), so the very same tensors, bit for bit, are in place when it returns; only this
+    module's weights exist twice, briefly.  ``None`` or the module's own dtype: a plain call.  Used
+    to recompute a half-precision model's later blocks in float32, where single-neuron effects are
+    below bfloat16's resolution of the residual stream.
+
+    Why not ``torch.func.functional_call``: the bridge reaches each Hugging Face weight under
+    several module paths, and functional_call left some of them in the cast dtype (measured on the
+    GPT-Neo bridge in float16); swapping ``.data`` keeps every alias pointing at the same tensor."""
+    first = next(module.parameters(), None)
+    if dtype is None or first is None or first.dtype == dtype:
+        return module(*args, **kwargs)
+    swapped: list[tuple[Tensor, Tensor]] = []
+    try:
+        for t in (*module.parameters(), *module.buffers()):  # each tensor once (duplicates removed)
+            if t.is_floating_point() and t.dtype != dtype:
+                swapped.append((t, t.data))
+                t.data = t.data.to(dtype)
+        return module(*_cast(args, dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    finally:
+        for t, data in swapped:
+            t.data = data
+
+
 def run_blocks_from(model: Model, resid: Float[Tensor, "batch seq d_model"], start: int,
-                    inputs: BlockInputs) -> Float[Tensor, "batch seq d_model"]:
-    """Run blocks ``start .. n_layers-1`` on a residual stream (the input of block ``start``)."""
+                    inputs: BlockInputs, *, compute_dtype: torch.dtype | None = None) -> Float[Tensor, "batch seq d_model"]:
+    """Run blocks ``start .. n_layers-1`` on a residual stream (the input of block ``start``), in
+    ``compute_dtype`` (default: the model's; see :func:`call_in_dtype`)."""
     for i in range(start, model.cfg.n_layers):
-        out = model.blocks[i](resid, *inputs.args[i], **inputs.kwargs[i])
+        out = call_in_dtype(model.blocks[i], compute_dtype, resid, *inputs.args[i], **inputs.kwargs[i])
         resid = out[0] if isinstance(out, tuple) else out
     return resid
 
 
-def logits_at(model: Model, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos vocab"]:
-    """Final norm and unembedding of a final residual stream (only the positions passed in)."""
-    return model.unembed(model.ln_final(resid))
+def logits_at(model: Model, resid: Float[Tensor, "batch pos d_model"], *,
+              compute_dtype: torch.dtype | None = None) -> Float[Tensor, "batch pos vocab"]:
+    """Final norm and unembedding of a final residual stream (only the positions passed in), in
+    ``compute_dtype`` (default: the model's)."""
+    return call_in_dtype(model.unembed, compute_dtype, call_in_dtype(model.ln_final, compute_dtype, resid))
 
 
 def w_out(model: Model) -> Float[Tensor, "layer neuron d_model"]:

@@ -15,7 +15,6 @@ shared by the three paths; this module only yields gradients.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -25,41 +24,12 @@ from .._progress import progress
 from ..models import neuron_hook_name
 from ._common import relative_error
 
-__all__ = ["cache_passthrough", "check", "default_batch", "gradients", "padded_cache"]
+__all__ = ["check", "default_batch", "gradients", "padded_cache"]
 
 logger = logging.getLogger(__name__)
 
 #: Memory budget (bytes) of the padded key/value copies of one batch; sets the default batch size.
 KV_BUDGET_BYTES = 512 * 2**20
-
-
-@contextmanager
-def cache_passthrough(model: Any) -> Iterator[None]:
-    """Make the bridge's attention components see the Hugging Face KV cache while active.
-
-    Recent transformers releases (5.x; measured with 5.24) hand the layer cache to the attention
-    module as ``cache=``, while TransformerLens 4.3's attention bridges read ``past_key_values`` /
-    ``layer_past`` only, so through the bridge GPT-2, Llama and similar models silently leave the
-    cache empty (GPT-Neo and GPT-NeoX still pass ``layer_past``).  A forward pre-hook on each
-    ``blocks[l].attn`` copies ``cache`` into ``past_key_values`` when only the former is given;
-    the hooks are removed on exit, also on exceptions.  The path's self-check (:func:`check`)
-    still decides whether the cached forward reproduces the model."""
-
-    def pre(module, args, kwargs):
-        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
-            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
-        return args, kwargs
-
-    handles = []
-    try:
-        for block in getattr(model, "blocks", []):
-            attn = getattr(block, "attn", None)
-            if isinstance(attn, torch.nn.Module):
-                handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _empty_cache() -> Any:

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import check_choice, check_positive_int
 from .._progress import progress
 from ..borrow import borrowed, trainable_only
-from ..models import hook_name, neuron_hook_name
+from ..models import hook_name, kv_cache_kwarg_aliased, neuron_hook_name
 from . import _ig_direct, _ig_kv_cache
 from ._common import check_tolerance, prepare_sequence
 
@@ -133,7 +133,7 @@ def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
     if implementation == "direct" and _ig_direct.model_type(model) not in _ig_direct.ARCHS:
         raise ValueError(f"implementation='direct' supports {sorted(_ig_direct.ARCHS)} models only, got "
                          f"{_ig_direct.model_type(model)!r}; use 'auto' (falls back to 'kv_cache' or 'full')")
-    with borrowed(model), _ig_kv_cache.cache_passthrough(model):
+    with borrowed(model), kv_cache_kwarg_aliased(model):
         trainable_only(model)  # only the patched activations need gradients
         clean, cache, acts, state = _clean_run(model, tokens)
         path, weights = _choose_path(model, implementation, tokens, prefix_len, clean, cache, acts, state,
