@@ -146,11 +146,11 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.heads.find_memorization_heads": lambda m, d: _c("memloc.heads.find_memorization_heads")(
         m, d.x, d.nmp, P, frequencies=torch.arange(m.cfg.d_vocab, dtype=torch.float32), progress_bar=False,
         contrastive_kwargs={"n_nmp_per_batch": 2}),
-    "memloc.heads.first_token_attention": lambda m, d: _c("memloc.heads.first_token_attention")(
+    "memloc.attention.first_token_attention": lambda m, d: _c("memloc.attention.first_token_attention")(
         m, d.x, P, progress_bar=False),
-    "memloc.heads.first_token_attention_frame": lambda m, d: _c("memloc.heads.first_token_attention_frame")(
+    "memloc.attention.first_token_attention_frame": lambda m, d: _c("memloc.attention.first_token_attention_frame")(
         m, d.x, P, layer=1, decode=False, progress_bar=False),
-    "memloc.heads.rare_token_attention": lambda m, d: _c("memloc.heads.rare_token_attention")(
+    "memloc.rare_tokens.rare_token_attention": lambda m, d: _c("memloc.rare_tokens.rare_token_attention")(
         m, d.x, P, torch.arange(m.cfg.d_vocab, dtype=torch.float32), layer=1, progress_bar=False),
     "memloc.localize._common.capture_clean": _capture_and_replay,
     "memloc.localize._common.logits_at": lambda m, d: _c("memloc.localize._common.logits_at")(
