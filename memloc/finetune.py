@@ -257,6 +257,8 @@ def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: 
 def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, steps, lr, seed, edit_seq,
                      n_nmp_per_batch, batch_size, eval_every, return_state, progress_bar, nmp_ref=None,
                      em_via="teacher_forced"):
+    """:func:`sparse_finetune` on validated arguments: mask at θ₀, ``steps`` masked Adam steps on CO↓ /
+    CO↔ (Stoehr Eq. 3 / 4), evaluations; returns the table and (with ``return_state``) the state."""
     with borrowed(model, restore_weights=True):
         names = eligible_parameters(model)
         params = dict(model.named_parameters())
@@ -267,47 +269,14 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
                 nmp_ref = greedy_continuation(model, nmp, prefix_len, batch_size=batch_size)
         nmp_ref = nmp_ref.to(nmp.device)
         ref = reference_logits(model, nmp, prefix_len, batch_size=batch_size)
-        if mask == "top":
-            masks = _mask_from_scores(_co_gradients(model, names, mp, nmp, prefix_len, objective, edit_seq, ref),
-                                      mask, fraction, seed)
-        else:
-            masks = _mask_from_scores({n: params[n].detach() for n in names}, mask, fraction, seed)
-        logger.info("sparse_finetune: %s mask, %d of %d eligible weights", mask,
-                    sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values()))
-        trainable = [n for n in names if bool(masks[n].any())]
-        for n in names:
-            if n not in trainable:
-                params[n].requires_grad_(False)
+        masks, trainable = _masks_and_trainable(model, names, mp, nmp, prefix_len, objective, edit_seq, ref, mask,
+                                                fraction, seed)
         opt = torch.optim.Adam([params[n] for n in trainable], lr=float(lr), weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        # Fast path: the embeddings are not trained, so the input of block 0 is fixed; the training
-        # loss and the evaluation re-run the blocks from it and unembed only the continuation
-        # positions (partial_forward, checked once against a full forward; else full forwards).
-        from .localize._common import partial_forward
-
         target = mp if objective == "unlearn" else edit_seq
-        seq = nmp.shape[1]
-        cont = slice(prefix_len - 1, seq - 1)
-        train_fwd = eval_fwd = None
-        in_blocks = {id(q) for q in model.blocks.parameters()}
-        if not all(id(params[n]) in in_blocks for n in names):
-            logger.warning("sparse_finetune: some trained weights lie outside the transformer blocks; using full "
-                           "forwards (slower)")
-        elif target.shape[1] == seq:
-            train_fwd = partial_forward(model, torch.cat([target, nmp]), 0, cont, what="sparse fine-tuning")
-            ev = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
-            if em_via == "teacher_forced" and len({x.shape[1] for x in ev}) == 1:
-                eval_fwd = partial_forward(model, torch.cat(ev), 0, cont, what="sparse fine-tuning evaluation")
-        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
-        if em_via == "teacher_forced" and any(r["em"] != seq - prefix_len for r in rows
-                                              if r["split"] == "non-memorized"):
-            # the NMP reference is the model's own greedy continuation: its teacher-forced EM must be T.
-            # If not, this model's greedy (KV-cache) decoding and its full forward disagree (near-tied
-            # logits, e.g. a random-weight model): read every EM off greedy decoding instead.
-            logger.warning("sparse_finetune: teacher-forced EM disagrees with greedy decoding on this model; "
-                           "decoding every step instead (slower)")
-            em_via, eval_fwd = "greedy", None
-            rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
+        train_fwd, eval_fwd = _partial_forwards(model, names, mp, nmp, prefix_len, target, nmp_ref, edit_seq, em_via)
+        rows, em_via, eval_fwd = _step0_rows(model, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via,
+                                             eval_fwd)
         losses = []
         for step in progress(range(1, steps + 1), enabled=progress_bar, desc=f"sparse {objective} ({mask})",
                              total=steps):
@@ -316,14 +285,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
             else:
                 idx = torch.randperm(len(nmp), generator=gen)[:n_nmp_per_batch].to(nmp.device)
             opt.zero_grad(set_to_none=True)
-            if train_fwd is not None:
-                sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
-                logits = train_fwd(train_fwd.resid[sel]).float()
-                loss = _co_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len,
-                                       objective)
-            else:
-                loss = contrastive_loss(model, mp, nmp[idx], prefix_len, objective=objective, edit_targets=edit_seq,
-                                        reference_logits=ref[idx])
+            loss = _train_loss(model, train_fwd, mp, nmp, idx, target, ref, prefix_len, objective, edit_seq)
             loss.backward()
             with torch.no_grad():
                 for n in trainable:
@@ -343,3 +305,75 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
     df["loss"] = df["step"].map(lambda s: losses[s] if s < len(losses) else float("nan"))
     df["objective"], df["mask"], df["fraction"], df["lr"] = objective, mask, float(fraction), float(lr)
     return df, state
+
+
+def _masks_and_trainable(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, objective: str,
+                         edit_seq: Tensor | None, ref: Tensor, mask: str, fraction: float,
+                         seed: int) -> tuple[dict[str, Tensor], list[str]]:
+    """The fixed mask of :func:`sparse_finetune` (computed once at θ₀), and the parameters it leaves
+    trainable (the others stop requiring grad)."""
+    params = dict(model.named_parameters())
+    if mask == "top":
+        masks = _mask_from_scores(_co_gradients(model, names, mp, nmp, prefix_len, objective, edit_seq, ref),
+                                  mask, fraction, seed)
+    else:
+        masks = _mask_from_scores({n: params[n].detach() for n in names}, mask, fraction, seed)
+    logger.info("sparse_finetune: %s mask, %d of %d eligible weights", mask,
+                sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values()))
+    trainable = [n for n in names if bool(masks[n].any())]
+    for n in names:
+        if n not in trainable:
+            params[n].requires_grad_(False)
+    return masks, trainable
+
+
+def _partial_forwards(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, target: Tensor,
+                      nmp_ref: Tensor, edit_seq: Tensor | None, em_via: str) -> tuple[Any, Any]:
+    """Fast path: the embeddings are not trained, so the input of block 0 is fixed; the training
+    loss and the evaluation re-run the blocks from it and unembed only the continuation positions
+    (partial_forward, checked once against a full forward; else full forwards).  Returns the
+    training and evaluation partial forwards (None where full forwards are used)."""
+    from .localize._common import partial_forward
+
+    params = dict(model.named_parameters())
+    seq = nmp.shape[1]
+    cont = slice(prefix_len - 1, seq - 1)
+    train_fwd = eval_fwd = None
+    in_blocks = {id(q) for q in model.blocks.parameters()}
+    if not all(id(params[n]) in in_blocks for n in names):
+        logger.warning("sparse_finetune: some trained weights lie outside the transformer blocks; using full "
+                       "forwards (slower)")
+    elif target.shape[1] == seq:
+        train_fwd = partial_forward(model, torch.cat([target, nmp]), 0, cont, what="sparse fine-tuning")
+        ev = _eval_inputs(mp, nmp, prefix_len, nmp_ref, edit_seq)
+        if em_via == "teacher_forced" and len({x.shape[1] for x in ev}) == 1:
+            eval_fwd = partial_forward(model, torch.cat(ev), 0, cont, what="sparse fine-tuning evaluation")
+    return train_fwd, eval_fwd
+
+
+def _step0_rows(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor, edit_seq: Tensor | None,
+                batch_size: int, em_via: str, eval_fwd: Any) -> tuple[list[dict], str, Any]:
+    """The evaluation at θ₀, and the ``em_via`` / ``eval_fwd`` the later steps use."""
+    rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
+    T = nmp.shape[1] - prefix_len
+    if em_via == "teacher_forced" and any(r["em"] != T for r in rows if r["split"] == "non-memorized"):
+        # the NMP reference is the model's own greedy continuation: its teacher-forced EM must be T.
+        # If not, this model's greedy (KV-cache) decoding and its full forward disagree (near-tied
+        # logits, e.g. a random-weight model): read every EM off greedy decoding instead.
+        logger.warning("sparse_finetune: teacher-forced EM disagrees with greedy decoding on this model; "
+                       "decoding every step instead (slower)")
+        em_via, eval_fwd = "greedy", None
+        rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
+    return rows, em_via, eval_fwd
+
+
+def _train_loss(model: Any, train_fwd: Any, mp: Tensor, nmp: Tensor, idx: Tensor, target: Tensor, ref: Tensor,
+                prefix_len: int, objective: str, edit_seq: Tensor | None) -> Tensor:
+    """CO↓ (Stoehr Eq. 3) or CO↔ (Stoehr Eq. 4) at the current weights on the NMPs ``idx``: from the
+    partial forward if there is one, else :func:`contrastive_loss`."""
+    if train_fwd is not None:
+        sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
+        logits = train_fwd(train_fwd.resid[sel]).float()
+        return _co_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len, objective)
+    return contrastive_loss(model, mp, nmp[idx], prefix_len, objective=objective, edit_targets=edit_seq,
+                            reference_logits=ref[idx])
