@@ -73,6 +73,17 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
     return torch.cat(out)
 
 
+def _checked_rows(model: Any, tokens: Any, prefix_len: Any, layers: Any, batch_size: Any,
+                  progress_bar: bool) -> tuple[Tensor, list[int], Float[Tensor, "n layer head prefix"]]:
+    """Validate (before any forward pass), then the attention rows of :func:`_pattern_rows` on the
+    borrowed model; returns the checked tokens, the chosen layers and the rows."""
+    tokens = _prefix_len_for_attention(model, tokens, prefix_len)
+    chosen = check_layers(model, layers, "layers")
+    check_positive_int(batch_size, "batch_size")
+    with borrowed(model):
+        return tokens, chosen, _pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
+
+
 @renamed_kwargs(layer="layers")
 def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                           layers: int | Sequence[int] | None = None, batch_size: int = 32,
@@ -103,11 +114,7 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
     Raises:
         ValueError: bad tokens, prefix_len, layers or batch_size (before any forward pass).
     """
-    tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    chosen = check_layers(model, layers, "layers")
-    check_positive_int(batch_size, "batch_size")
-    with borrowed(model):
-        out = _pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
+    _, _, out = _checked_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
     return out[:, 0] if isinstance(layers, (int, np.integer)) else out
 
 
@@ -122,11 +129,7 @@ def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix
         ``head``, ``position`` (key position in the prefix), ``token_id``, ``attention`` and, if
         ``decode`` and the model has a tokenizer, ``token`` (the decoded key token).
     """
-    tokens = _prefix_len_for_attention(model, tokens, prefix_len)
-    layers = check_layers(model, layers, "layers")
-    check_positive_int(batch_size, "batch_size")
-    with borrowed(model):
-        att = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
+    tokens, layers, att = _checked_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
     n, n_l, n_h, p = att.shape
     idx = pd.MultiIndex.from_product([range(n), layers, range(n_h), range(p)],
                                      names=["paragraph", "layer", "head", "position"])
