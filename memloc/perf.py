@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -151,68 +152,121 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(spearmanr(a[keep].numpy(), b[keep].numpy())[0])
 
 
+#: Keyword of every timed localization call: no progress bars.
+_PB = dict(progress_bar=False)
+
+
+@dataclass
+class _Bench:
+    """One (model, dtype) run of :func:`bench_model`: the model, its sequence ``[1, seq]``, and the
+    rows and scores collected so far."""
+
+    name: str
+    model: Any
+    tokens: torch.Tensor
+    prefix_len: int
+    quick: bool
+    dtype: torch.dtype
+    rows: list[dict] = field(default_factory=list)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def big(self) -> bool:
+        return self.name != "tiny"
+
+    @property
+    def dname(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def T(self) -> int:
+        return self.tokens.shape[1] - self.prefix_len
+
+    def row(self, **kw: Any) -> dict:
+        r = dict(method=kw.pop("method"), model=self.name, dtype=self.dname, **kw)
+        self.rows.append(r)
+        return r
+
+
 def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
                 dtype: torch.dtype = torch.float32) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Rows for one (model, dtype), and the scores compared across dtypes (``zero_out``,
     ``zero_out_reference``, ``integrated_gradients``, ``activations``, on fixed neuron subsets)."""
     model, tokens, prefix_len = _load(name, device, dtype, workdir)
-    tokens = tokens.reshape(1, -1)
+    b = _Bench(name, model, tokens.reshape(1, -1), prefix_len, quick, dtype)
+    sub, zo_sub, t_zero_out, score_device = _bench_zero_out(b)
+    _bench_attribution_patching(b, sub, zo_sub, t_zero_out)
+    _bench_activations(b)
+    ig_fast, t_ig, fast_pos, paths = _bench_integrated_gradients(b, score_device)
+    if dtype != torch.float32:  # the dtype comparison needs ZERO-OUT, IG and ACTIVATIONS only
+        return b.rows, b.scores
+    if paths and paths[0] == "direct":
+        _bench_ig_paths(b, ig_fast, t_ig, fast_pos)
+    _bench_mask_training(b)
+    return b.rows, b.scores
+
+
+def _bench_zero_out(b: _Bench) -> tuple[torch.Tensor, torch.Tensor, float, torch.device]:
+    """ZERO-OUT fast vs the authors' loop on a seeded subset of neurons in every layer (times scaled
+    to all neurons).  Returns the subset, the fast scores on it (CPU), the scaled fast seconds and
+    the device of the scores."""
+    model, tokens, prefix_len = b.model, b.tokens, b.prefix_len
     L, d = model.cfg.n_layers, model.cfg.d_mlp
-    seq = tokens.shape[1]
-    T = seq - prefix_len
-    big = name != "tiny"
-    dname = str(dtype).removeprefix("torch.")
-    rows: list[dict] = []
-    scores: dict[str, torch.Tensor] = {}
-    pb = dict(progress_bar=False)
     bound = L / (sum(L - l for l in range(L)) / L)
-
-    def row(**kw) -> dict:
-        r = dict(method=kw.pop("method"), model=name, dtype=dname, **kw)
-        rows.append(r)
-        return r
-
-    # ---- ZERO-OUT
-    batch = 32 if big else 64
-    n_sub = (16 if quick else 32) if big else (128 if quick else d)
+    batch = 32 if b.big else 64
+    n_sub = (16 if b.quick else 32) if b.big else (128 if b.quick else d)
     gen = torch.Generator().manual_seed(0)
     sub = torch.randperm(d, generator=gen)[:n_sub].sort().values
-    fast, t_fast = _timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **pb))
+    fast, t_fast = _timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **_PB))
     ref, t_ref = _timed(lambda: reference_zero_out(model, tokens.to(fast.device), prefix_len, neurons=sub,
                                                    batch_size=batch))
     scale = d / n_sub
     zo_sub = fast[:, sub].cpu()
-    scores["zero_out"], scores["zero_out_reference"] = zo_sub, ref[:, sub]
+    b.scores["zero_out"], b.scores["zero_out_reference"] = zo_sub, ref[:, sub]
     speed = t_ref / t_fast
-    row(method="zero_out", seconds=t_fast * scale, reference_seconds=t_ref * scale, speedup=speed,
-        max_abs_diff=float((zo_sub - ref[:, sub]).abs().max()), bound=bound, achieved_over_bound=speed / bound,
-        batch_size=batch, extrapolated=scale != 1, note=f"{n_sub} of {d} neurons in every layer, times scaled x{scale:g}")
-    logger.info("zero_out %s %s: %.1fs vs %.1fs", name, dname, t_fast * scale, t_ref * scale)
+    b.row(method="zero_out", seconds=t_fast * scale, reference_seconds=t_ref * scale, speedup=speed,
+          max_abs_diff=float((zo_sub - ref[:, sub]).abs().max()), bound=bound, achieved_over_bound=speed / bound,
+          batch_size=batch, extrapolated=scale != 1,
+          note=f"{n_sub} of {d} neurons in every layer, times scaled x{scale:g}")
+    logger.info("zero_out %s %s: %.1fs vs %.1fs", b.name, b.dname, t_fast * scale, t_ref * scale)
+    return sub, zo_sub, t_fast * scale, fast.device
 
-    # ---- attribution patching (vs fast zero-out on the same neurons)
-    ap, t_ap = _timed(lambda: loc.attribution_patching(model, tokens, prefix_len))
-    rho_layers = [_spearman(ap[l, sub], zo_sub[l]) for l in range(L)]
-    row(method="attribution_patching", seconds=t_ap, reference_seconds=t_fast * scale, speedup=t_fast * scale / t_ap,
-        max_abs_diff=float((ap[:, sub].cpu() - zo_sub).abs().max()), spearman=_spearman(ap[:, sub], zo_sub),
-        spearman_per_layer=[round(r, 3) for r in rho_layers],
-        note="reference = fast ZERO-OUT (all neurons); spearman over the scored neurons")
 
-    # ---- ACTIVATIONS (for the dtype comparison)
-    act, t_act = _timed(lambda: loc.activations(model, tokens, prefix_len))
-    scores["activations"] = act.cpu()
-    row(method="activations", seconds=t_act, reference_seconds=float("nan"), speedup=float("nan"),
-        max_abs_diff=float("nan"), note="one forward; no reference loop")
+def _bench_attribution_patching(b: _Bench, sub: torch.Tensor, zo_sub: torch.Tensor, t_zero_out: float) -> None:
+    """Attribution patching vs fast ZERO-OUT (all neurons): time, and Spearman on the scored neurons."""
+    ap, t_ap = _timed(lambda: loc.attribution_patching(b.model, b.tokens, b.prefix_len))
+    rho_layers = [_spearman(ap[l, sub], zo_sub[l]) for l in range(b.model.cfg.n_layers)]
+    b.row(method="attribution_patching", seconds=t_ap, reference_seconds=t_zero_out, speedup=t_zero_out / t_ap,
+          max_abs_diff=float((ap[:, sub].cpu() - zo_sub).abs().max()), spearman=_spearman(ap[:, sub], zo_sub),
+          spearman_per_layer=[round(r, 3) for r in rho_layers],
+          note="reference = fast ZERO-OUT (all neurons); spearman over the scored neurons")
 
-    # ---- IG
-    all_pos = list(range(prefix_len - 1, seq - 1))
+
+def _bench_activations(b: _Bench) -> None:
+    """ACTIVATIONS: one forward, no reference loop (for the dtype comparison)."""
+    act, t_act = _timed(lambda: loc.activations(b.model, b.tokens, b.prefix_len))
+    b.scores["activations"] = act.cpu()
+    b.row(method="activations", seconds=t_act, reference_seconds=float("nan"), speedup=float("nan"),
+          max_abs_diff=float("nan"), note="one forward; no reference loop")
+
+
+def _ig_positions(b: _Bench) -> tuple[list[int], list[int], list[int]]:
+    """The positions fast IG is timed on, and the layers and positions of the reference loop (subsets
+    on the big model and in quick mode, see the module docstring's extrapolation)."""
+    L, T, prefix_len = b.model.cfg.n_layers, b.T, b.prefix_len
+    all_pos = list(range(prefix_len - 1, b.tokens.shape[1] - 1))
     mid = [prefix_len - 1 + T // 2]
-    if big or quick:
-        n_pos = 3 if big and quick else (5 if big else 10)
+    if b.big or b.quick:
+        n_pos = 3 if b.big and b.quick else (5 if b.big else 10)
         fast_pos = [all_pos[round(i * (T - 1) / (n_pos - 1))] for i in range(n_pos)]
-        ref_layers = [L - 1] if (big and quick) else ([0, L - 1] if big else list(range(L)))
-        ref_pos = mid if big else fast_pos
-    else:
-        fast_pos, ref_layers, ref_pos = all_pos, list(range(L)), all_pos
+        ref_layers = [L - 1] if (b.big and b.quick) else ([0, L - 1] if b.big else list(range(L)))
+        ref_pos = mid if b.big else fast_pos
+        return fast_pos, ref_layers, ref_pos
+    return all_pos, list(range(L)), all_pos
+
+
+def _timed_ig_with_path(b: _Bench, positions: list[int]) -> tuple[torch.Tensor, float, list[str]]:
+    """Timed fast IG (``implementation="auto"``) on ``positions``, and the path(s) it logged choosing."""
     paths: list[str] = []
 
     class _PathLog(logging.Handler):
@@ -225,52 +279,65 @@ def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
     ig_logger.addHandler(handler)
     ig_logger.setLevel(logging.INFO)
     try:
-        ig_fast, t_ig = _timed(lambda: loc.integrated_gradients(model, tokens, prefix_len, positions=fast_pos, **pb))
+        ig_fast, t_ig = _timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=positions,
+                                                                **_PB))
     finally:
         ig_logger.removeHandler(handler)
         ig_logger.setLevel(old_level)
-    scores["integrated_gradients"] = ig_fast.cpu()
+    return ig_fast, t_ig, paths
+
+
+def _bench_integrated_gradients(b: _Bench, score_device: torch.device
+                                ) -> tuple[torch.Tensor, float, list[int], list[str]]:
+    """IG fast (the path ``"auto"`` picks) vs the authors' loop, both extrapolated to all positions
+    and layers.  Returns the fast scores, their seconds, the positions they cover and the path."""
+    model, tokens, prefix_len, L, T = b.model, b.tokens, b.prefix_len, b.model.cfg.n_layers, b.T
+    fast_pos, ref_layers, ref_pos = _ig_positions(b)
+    ig_fast, t_ig, paths = _timed_ig_with_path(b, fast_pos)
+    b.scores["integrated_gradients"] = ig_fast.cpu()
     t_ig_total = t_ig * T / len(fast_pos)
-    ref_ig, t_rig = _timed(lambda: reference_integrated_gradients(model, tokens.to(fast.device), prefix_len,
+    ref_ig, t_rig = _timed(lambda: reference_integrated_gradients(model, tokens.to(score_device), prefix_len,
                                                                   layers=ref_layers, positions=ref_pos))
     t_rig_total = t_rig * (L * T) / (len(ref_layers) * len(ref_pos))
-    same = loc.integrated_gradients(model, tokens, prefix_len, positions=ref_pos, layers=ref_layers, **pb).cpu()
+    same = loc.integrated_gradients(model, tokens, prefix_len, positions=ref_pos, layers=ref_layers, **_PB).cpu()
     diff = float((same[ref_layers] - ref_ig[ref_layers]).abs().max())
     rel = diff / float(ref_ig[ref_layers].abs().max())
-    row(method="integrated_gradients", seconds=t_ig_total, reference_seconds=t_rig_total,
-        speedup=t_rig_total / t_ig_total, max_abs_diff=diff, max_rel_diff=rel, path=paths[0] if paths else None,
-        extrapolated=len(fast_pos) != T or len(ref_pos) * len(ref_layers) != T * L,
-        note=f"fast timed on {len(fast_pos)} of {T} positions (all layers); reference on "
-             f"{len(ref_pos)} positions x {len(ref_layers)} layers; 20 steps")
-    logger.info("ig %s %s: %.1fs vs %.1fs (%s path)", name, dname, t_ig_total, t_rig_total, paths[:1])
+    b.row(method="integrated_gradients", seconds=t_ig_total, reference_seconds=t_rig_total,
+          speedup=t_rig_total / t_ig_total, max_abs_diff=diff, max_rel_diff=rel, path=paths[0] if paths else None,
+          extrapolated=len(fast_pos) != T or len(ref_pos) * len(ref_layers) != T * L,
+          note=f"fast timed on {len(fast_pos)} of {T} positions (all layers); reference on "
+               f"{len(ref_pos)} positions x {len(ref_layers)} layers; 20 steps")
+    logger.info("ig %s %s: %.1fs vs %.1fs (%s path)", b.name, b.dname, t_ig_total, t_rig_total, paths[:1])
+    return ig_fast, t_ig, fast_pos, paths
 
-    if dtype != torch.float32:  # the dtype comparison needs ZERO-OUT, IG and ACTIVATIONS only
-        return rows, scores
 
-    # ---- IG: direct vs kv_cache on the same positions
-    if paths and paths[0] == "direct":
-        kv, t_kv = _timed(lambda: loc.integrated_gradients(model, tokens, prefix_len, positions=fast_pos,
-                                                           implementation="kv_cache", **pb))
-        kv = kv.cpu()
-        row(method="ig_kv_cache_vs_direct", seconds=t_ig * T / len(fast_pos),
-            reference_seconds=t_kv * T / len(fast_pos), speedup=t_kv / t_ig,
-            max_abs_diff=float((kv - ig_fast.cpu()).abs().max()),
-            max_rel_diff=float((kv - ig_fast.cpu()).abs().max() / ig_fast.abs().max().cpu()),
-            note="seconds = direct path, reference_seconds = kv_cache path, same positions; speedup = kv_cache/direct")
+def _bench_ig_paths(b: _Bench, ig_fast: torch.Tensor, t_ig: float, fast_pos: list[int]) -> None:
+    """IG's direct path vs its KV-cache path on the same positions (``ig_kv_cache_vs_direct``)."""
+    T = b.T
+    kv, t_kv = _timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=fast_pos,
+                                                       implementation="kv_cache", **_PB))
+    kv = kv.cpu()
+    b.row(method="ig_kv_cache_vs_direct", seconds=t_ig * T / len(fast_pos),
+          reference_seconds=t_kv * T / len(fast_pos), speedup=t_kv / t_ig,
+          max_abs_diff=float((kv - ig_fast.cpu()).abs().max()),
+          max_rel_diff=float((kv - ig_fast.cpu()).abs().max() / ig_fast.abs().max().cpu()),
+          note="seconds = direct path, reference_seconds = kv_cache path, same positions; speedup = kv_cache/direct")
 
-    # ---- SLIMMING / HARD CONCRETE: seconds per step vs plain forward+backward
-    plain = _plain_fwd_bwd(model, tokens, prefix_len, repeats=3 if big else 10)
-    short, long_ = (2, 6) if big else ((5, 25) if quick else (10, 60))
+
+def _bench_mask_training(b: _Bench) -> None:
+    """SLIMMING / HARD CONCRETE: seconds per optimization step vs one plain forward+backward."""
+    model, tokens, prefix_len = b.model, b.tokens, b.prefix_len
+    plain = _plain_fwd_bwd(model, tokens, prefix_len, repeats=3 if b.big else 10)
+    short, long_ = (2, 6) if b.big else ((5, 25) if b.quick else (10, 60))
     for meth in ("slimming", "hard_concrete"):
         fn = getattr(loc, meth)
-        _, t_short = _timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **pb))
-        _, t_long = _timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **pb))
+        _, t_short = _timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **_PB))
+        _, t_long = _timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **_PB))
         step = (t_long - t_short) / (long_ - short)
-        row(method=meth, seconds=step, reference_seconds=plain, speedup=plain / step, max_abs_diff=float("nan"),
-            step_over_plain=step / plain,
-            note=f"per step: ({long_}-step run - {short}-step run) / {long_ - short}; reference = "
-                 "one plain forward+backward w.r.t. the parameters")
-    return rows, scores
+        b.row(method=meth, seconds=step, reference_seconds=plain, speedup=plain / step, max_abs_diff=float("nan"),
+              step_over_plain=step / plain,
+              note=f"per step: ({long_}-step run - {short}-step run) / {long_ - short}; reference = "
+                   "one plain forward+backward w.r.t. the parameters")
 
 
 def _compare_dtypes(rows: list[dict], scores: dict[tuple[str, str], dict[str, torch.Tensor]]) -> None:

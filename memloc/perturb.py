@@ -199,10 +199,7 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     check_positive_int(batch_size, "batch_size")
     check_seed(seed)
     pos = _check_positions(positions, prefix_len)
-    if vocab_size is None:
-        vocab_size = _vocab_size(model)
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= model.cfg.d_vocab:
-        raise ValueError(f"vocab_size must be an int in 2..{model.cfg.d_vocab}, got {vocab_size!r}")
+    vocab_size = _check_vocab_size(model, vocab_size)
     n, seq = tokens.shape
     T = seq - prefix_len
     P, S = len(pos), n_samples
@@ -218,41 +215,81 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         clean_gen = greedy_decode(model, tokens[:, :prefix_len], T, batch_size=batch_size)
         em_clean = em_from_generations(clean_gen, target)
 
-        # every perturbed prefix of every paragraph, flattened (paragraph, position, sample)
-        prefixes = cpu_tokens[:, :prefix_len].unsqueeze(1).unsqueeze(1).repeat(1, P, S, 1)   # [n, P, S, prefix]
-        prefixes.scatter_(-1, pos_t.view(1, P, 1, 1).expand(n, P, S, 1), repl.unsqueeze(-1))
-        flat_prefix = prefixes.reshape(n * P * S, prefix_len)
-        flat_full = torch.cat([flat_prefix, target.repeat_interleave(P * S, dim=0)], dim=1)
-
-        # Teacher forcing scores the true continuation under every perturbed prefix (NLL) and gives the
-        # EM against it (metrics.exact_match_teacher_forced).  Where the unperturbed greedy continuation
-        # is the true one and the perturbed prefix still reproduces all of it (EM = T), the perturbed
-        # greedy continuation is that same continuation, so only the other prefixes are decoded.
-        nlls, ems = [], []
-        dev = tokens.device
-        chunks = list(range(0, len(flat_prefix), batch_size))
-        for start in progress(chunks, enabled=progress_bar, desc="perturbed teacher forcing"):
-            tf = teacher_forced(model, flat_full[start:start + batch_size].to(dev), prefix_len, batch_size=batch_size)
-            nlls.append(tf["nll"])
-            ems.append(tf["em"])
-        nll = torch.cat(nlls).view(n, P, S)
-        em = torch.cat(ems).view(n, P, S)
+        flat_prefix, flat_full = _perturbed_sequences(cpu_tokens, pos_t, repl, prefix_len)
+        nll, em = _score_perturbed(model, flat_full, prefix_len, batch_size, tokens.device, progress_bar)
+        nll, em = nll.view(n, P, S), em.view(n, P, S)
         reproduced = (clean_gen == target).all(1).view(n, 1, 1) & (em == T)
-        gen = clean_gen.view(n, 1, 1, T).expand(n, P, S, T).clone().reshape(n * P * S, T)
-        todo = torch.nonzero(~reproduced.reshape(-1)).flatten()
-        chunks = list(range(0, len(todo), batch_size))
-        for start in progress(chunks, enabled=progress_bar, desc="perturbed decoding"):
-            rows = todo[start:start + batch_size]
-            gen[rows] = greedy_decode(model, flat_prefix[rows].to(dev), T, batch_size=batch_size)
-        gen = gen.view(n, P, S, T)
-        logger.debug("perturbation_profile: decoded %d of %d perturbed prefixes", len(todo), n * P * S)
+        gen = _decode_perturbed(model, flat_prefix, clean_gen, reproduced, batch_size, tokens.device, progress_bar)
 
     first = _first_difference(gen, clean_gen.view(n, 1, 1, T))
-    em_drop = em_clean.view(n, 1, 1) - em
-    nll_change = nll - clean_tf["nll"].view(n, 1, 1)
+    samples = _sample_table(pos, original, repl, em_clean, em, clean_tf["nll"], nll, first, T)
+    clean = pd.DataFrame({"paragraph": np.arange(n), "em_clean": em_clean.numpy(), "nll_clean": clean_tf["nll"].numpy()})
+    return PerturbationResult(samples=samples, profile=_position_profile(samples), clean=clean,
+                              clean_generation=clean_gen, generations=gen, replacements=repl, positions=pos,
+                              prefix_len=prefix_len)
 
+
+def _check_vocab_size(model: Any, vocab_size: Any) -> int:
+    """``vocab_size`` of :func:`perturbation_profile`, validated; None: :func:`_vocab_size` of the model."""
+    if vocab_size is None:
+        return _vocab_size(model)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= model.cfg.d_vocab:
+        raise ValueError(f"vocab_size must be an int in 2..{model.cfg.d_vocab}, got {vocab_size!r}")
+    return vocab_size
+
+
+def _perturbed_sequences(cpu_tokens: Tensor, pos_t: Tensor, repl: Tensor, prefix_len: int) -> tuple[Tensor, Tensor]:
+    """Every perturbed prefix of every paragraph, flattened (paragraph, position, sample):
+    ``[n*P*S, prefix]``, and the same followed by the paragraph's true continuation ``[n*P*S, seq]``."""
+    n, P, S = repl.shape
+    target = cpu_tokens[:, prefix_len:]
+    prefixes = cpu_tokens[:, :prefix_len].unsqueeze(1).unsqueeze(1).repeat(1, P, S, 1)   # [n, P, S, prefix]
+    prefixes.scatter_(-1, pos_t.view(1, P, 1, 1).expand(n, P, S, 1), repl.unsqueeze(-1))
+    flat_prefix = prefixes.reshape(n * P * S, prefix_len)
+    flat_full = torch.cat([flat_prefix, target.repeat_interleave(P * S, dim=0)], dim=1)
+    return flat_prefix, flat_full
+
+
+def _score_perturbed(model: Any, flat_full: Tensor, prefix_len: int, batch_size: int, dev: Any,
+                     progress_bar: bool) -> tuple[Tensor, Tensor]:
+    """Teacher forcing scores the true continuation under every perturbed prefix (NLL, Stoehr §3.2)
+    and gives the EM against it (:func:`memloc.metrics.exact_match_teacher_forced`); flat ``(nll, em)``."""
+    nlls, ems = [], []
+    chunks = list(range(0, len(flat_full), batch_size))
+    for start in progress(chunks, enabled=progress_bar, desc="perturbed teacher forcing"):
+        tf = teacher_forced(model, flat_full[start:start + batch_size].to(dev), prefix_len, batch_size=batch_size)
+        nlls.append(tf["nll"])
+        ems.append(tf["em"])
+    return torch.cat(nlls), torch.cat(ems)
+
+
+def _decode_perturbed(model: Any, flat_prefix: Tensor, clean_gen: Tensor, reproduced: Tensor, batch_size: int,
+                      dev: Any, progress_bar: bool) -> Tensor:
+    """The greedy continuation of every perturbed prefix, ``[n, P, S, T]``.
+
+    Where the unperturbed greedy continuation is the true one and the perturbed prefix still
+    reproduces all of it (``reproduced``: EM = T), the perturbed greedy continuation is that same
+    continuation, so only the other prefixes are decoded."""
+    n, P, S = reproduced.shape
+    T = clean_gen.shape[1]
+    gen = clean_gen.view(n, 1, 1, T).expand(n, P, S, T).clone().reshape(n * P * S, T)
+    todo = torch.nonzero(~reproduced.reshape(-1)).flatten()
+    chunks = list(range(0, len(todo), batch_size))
+    for start in progress(chunks, enabled=progress_bar, desc="perturbed decoding"):
+        rows = todo[start:start + batch_size]
+        gen[rows] = greedy_decode(model, flat_prefix[rows].to(dev), T, batch_size=batch_size)
+    logger.debug("perturbation_profile: decoded %d of %d perturbed prefixes", len(todo), n * P * S)
+    return gen.view(n, P, S, T)
+
+
+def _sample_table(pos: list[int], original: Tensor, repl: Tensor, em_clean: Tensor, em: Tensor, nll_clean: Tensor,
+                  nll: Tensor, first: Tensor, T: int) -> pd.DataFrame:
+    """``PerturbationResult.samples``: one row per (paragraph, position, sample)."""
+    n, P, S = repl.shape
+    em_drop = em_clean.view(n, 1, 1) - em
+    nll_change = nll - nll_clean.view(n, 1, 1)
     idx_n, idx_p, idx_s = np.meshgrid(np.arange(n), np.arange(P), np.arange(S), indexing="ij")
-    samples = pd.DataFrame({
+    return pd.DataFrame({
         "paragraph": idx_n.ravel(),
         "position": np.asarray(pos)[idx_p.ravel()],
         "sample": idx_s.ravel(),
@@ -262,23 +299,24 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         "em": em.reshape(-1).numpy(),
         "em_drop": em_drop.reshape(-1).numpy(),
         "em_drop_generation": (T - first).reshape(-1).numpy(),
-        "nll_clean": clean_tf["nll"].view(n, 1, 1).expand(n, P, S).reshape(-1).numpy(),
+        "nll_clean": nll_clean.view(n, 1, 1).expand(n, P, S).reshape(-1).numpy(),
         "nll": nll.reshape(-1).numpy(),
         "nll_change": nll_change.reshape(-1).numpy(),
         "first_impacted": first.reshape(-1).numpy(),
         "changed": (first < T).reshape(-1).numpy(),
     })
-    profile = (samples.groupby(["paragraph", "position"], sort=True)
-               .agg(original_token=("original_token", "first"), em_clean=("em_clean", "first"),
-                    em_drop_mean=("em_drop", "mean"), em_drop_max=("em_drop", "max"),
-                    em_drop_generation_mean=("em_drop_generation", "mean"),
-                    em_drop_generation_max=("em_drop_generation", "max"),
-                    nll_change_mean=("nll_change", "mean"), nll_change_max=("nll_change", "max"),
-                    frac_changed=("changed", "mean"))
-               .reset_index())
-    clean = pd.DataFrame({"paragraph": np.arange(n), "em_clean": em_clean.numpy(), "nll_clean": clean_tf["nll"].numpy()})
-    return PerturbationResult(samples=samples, profile=profile, clean=clean, clean_generation=clean_gen,
-                              generations=gen, replacements=repl, positions=pos, prefix_len=prefix_len)
+
+
+def _position_profile(samples: pd.DataFrame) -> pd.DataFrame:
+    """``PerturbationResult.profile``: the samples aggregated per (paragraph, position)."""
+    return (samples.groupby(["paragraph", "position"], sort=True)
+            .agg(original_token=("original_token", "first"), em_clean=("em_clean", "first"),
+                 em_drop_mean=("em_drop", "mean"), em_drop_max=("em_drop", "max"),
+                 em_drop_generation_mean=("em_drop_generation", "mean"),
+                 em_drop_generation_max=("em_drop_generation", "max"),
+                 nll_change_mean=("nll_change", "mean"), nll_change_max=("nll_change", "max"),
+                 frac_changed=("changed", "mean"))
+            .reset_index())
 
 
 def em_drop_by_position(profile: pd.DataFrame, groups: pd.Series | Sequence | dict | None = None, *,

@@ -75,7 +75,7 @@ def ref_blocks(model, name, grad):
 def test_loss_matches_hand_computation(neo):
     mp, nmp = tokens(neo, 3, 0), tokens(neo, 4, 1)
     ref = torch.randn(4, T, neo.cfg.d_vocab, generator=torch.Generator().manual_seed(2))
-    loss, terms = contrastive_loss(neo, mp, PREFIX, nmp, reference_logits=ref, return_terms=True)
+    loss, terms = contrastive_loss(neo, mp, nmp, PREFIX, reference_logits=ref, return_terms=True)
     nll, kl = ref_nll(neo, mp, PREFIX), ref_kl(neo, nmp, PREFIX, ref)
     assert kl > 0.1
     assert terms["nll"].item() == pytest.approx(nll.item(), rel=1e-5)
@@ -83,24 +83,24 @@ def test_loss_matches_hand_computation(neo):
     assert loss.item() == pytest.approx(-nll.item() + kl.item(), rel=1e-5)       # CO↓ = -NLL + KL (Eq. 3)
     # CO↔ (Eq. 4): + NLL of the edit paragraph; [n, T] targets follow the MP prefix, [n, seq] are used as is
     new = tokens(neo, 3, 3)
-    edit = contrastive_loss(neo, mp, PREFIX, nmp, objective="edit", edit_targets=new[:, PREFIX:],
+    edit = contrastive_loss(neo, mp, nmp, PREFIX, objective="edit", edit_targets=new[:, PREFIX:],
                             reference_logits=ref)
     spliced = torch.cat([mp[:, :PREFIX], new[:, PREFIX:]], dim=1)
     assert edit.item() == pytest.approx(ref_nll(neo, spliced, PREFIX).item() + kl.item(), rel=1e-5)
-    edit_full = contrastive_loss(neo, mp, PREFIX, nmp, objective="edit", edit_targets=new, reference_logits=ref)
+    edit_full = contrastive_loss(neo, mp, nmp, PREFIX, objective="edit", edit_targets=new, reference_logits=ref)
     assert edit_full.item() == pytest.approx(ref_nll(neo, new, PREFIX).item() + kl.item(), rel=1e-5)
 
 
 def test_kl_vanishes_at_theta0_with_its_gradient(neo):
     mp, nmp = tokens(neo, 2, 4), tokens(neo, 3, 5)
-    loss, terms = contrastive_loss(neo, mp, PREFIX, nmp, return_terms=True)
+    loss, terms = contrastive_loss(neo, mp, nmp, PREFIX, return_terms=True)
     assert abs(terms["kl"].item()) < 1e-6
     ref = reference_logits(neo, nmp, PREFIX)
     assert ref.shape == (3, T, neo.cfg.d_vocab) and not ref.requires_grad
-    _, terms2 = contrastive_loss(neo, mp, PREFIX, nmp, reference_logits=ref, return_terms=True)
+    _, terms2 = contrastive_loss(neo, mp, nmp, PREFIX, reference_logits=ref, return_terms=True)
     assert abs(terms2["kl"].item()) < 1e-6
     # sign conventions: unlearning lowers the likelihood, editing towards the MP itself raises it
-    same = contrastive_loss(neo, mp, PREFIX, nmp, objective="edit", edit_targets=mp[:, PREFIX:])
+    same = contrastive_loss(neo, mp, nmp, PREFIX, objective="edit", edit_targets=mp[:, PREFIX:])
     assert loss.item() < 0 and same.item() == pytest.approx(-loss.item(), rel=1e-6)
     # the KL is at its minimum: the gradient of CO equals the gradient of -NLL alone
     names = eligible_parameters(neo)
@@ -185,7 +185,7 @@ def test_masks(neo, unchanged):
     assert not all(torch.equal(r1[n], r2[n]) for n in r1)
     # top: every selected |gradient| >= every unselected one, jointly over all parameters
     params = dict(neo.named_parameters())
-    loss = contrastive_loss(neo, mp, PREFIX, nmp)
+    loss = contrastive_loss(neo, mp, nmp, PREFIX)
     grads = dict(zip(top, torch.autograd.grad(loss, [params[n] for n in top])))
     sel = torch.cat([grads[n].abs()[top[n]] for n in top])
     rest = torch.cat([grads[n].abs()[~top[n]] for n in top])
@@ -222,7 +222,7 @@ def test_sparse_finetune_changes_only_masked_weights(neo, unchanged):
     assert (s0[s0.split == "non-memorized"].em == T).all()          # against the model's own continuation
     em = exact_match(neo, mp, PREFIX)
     assert s0[s0.split == "memorized"].sort_values("id").em.tolist() == em.tolist()
-    assert s0.loss.iloc[0] == pytest.approx(contrastive_loss(neo, mp, PREFIX, nmp).item(), rel=1e-5)
+    assert s0.loss.iloc[0] == pytest.approx(contrastive_loss(neo, mp, nmp, PREFIX).item(), rel=1e-5)
     assert df[df.step == 3].loss.isna().all()
     mp_nll = df[df.split == "memorized"].groupby("step").nll.mean()
     assert mp_nll[3] > mp_nll[0]                                     # unlearning raises the MP NLL
@@ -266,7 +266,7 @@ def test_sparse_finetune_edit_all_and_random(neo, unchanged):
 
 
 def test_model_restored_when_training_fails(neo, unchanged, monkeypatch):
-    import memloc.contrastive as C
+    import memloc.finetune as C  # sparse_finetune and its _evaluate live here
 
     mp, nmp = tokens(neo, 2, 16), tokens(neo, 2, 17)
     real = C._evaluate
@@ -287,14 +287,14 @@ def test_bad_inputs_fail_before_work(neo, unchanged):
     mp, nmp = tokens(neo, 2, 18), tokens(neo, 3, 19)
     calls = []
     bad = [
-        lambda: contrastive_loss(neo, mp[:0], PREFIX, nmp),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp[:, :-1][:, :PREFIX]),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp, objective="forget"),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp, objective="edit"),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp, objective="edit", edit_targets=mp[:, :3]),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp, edit_targets=mp),
-        lambda: contrastive_loss(neo, mp, PREFIX, nmp, reference_logits=torch.zeros(3, T, 5)),
-        lambda: contrastive_loss(neo, mp, SEQ, nmp),
+        lambda: contrastive_loss(neo, mp[:0], nmp, PREFIX),
+        lambda: contrastive_loss(neo, mp, nmp[:, :-1][:, :PREFIX], PREFIX),
+        lambda: contrastive_loss(neo, mp, nmp, PREFIX, objective="forget"),
+        lambda: contrastive_loss(neo, mp, nmp, PREFIX, objective="edit"),
+        lambda: contrastive_loss(neo, mp, nmp, PREFIX, objective="edit", edit_targets=mp[:, :3]),
+        lambda: contrastive_loss(neo, mp, nmp, PREFIX, edit_targets=mp),
+        lambda: contrastive_loss(neo, mp, nmp, PREFIX, reference_logits=torch.zeros(3, T, 5)),
+        lambda: contrastive_loss(neo, mp, nmp, SEQ),
         lambda: contrastive_gradients(neo, mp, nmp, PREFIX, n_nmp_per_batch=4),
         lambda: contrastive_gradients(neo, mp, nmp, PREFIX, pooling="median"),
         lambda: contrastive_gradients(neo, mp, nmp, PREFIX, n_nmp_per_batch=2, aggregate="sum"),

@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from memloc import load_model
+from memloc import attention, rare_tokens
 from memloc import heads as H
 
 PREFIX = 12
@@ -309,7 +310,8 @@ def test_find_memorization_heads_computes_gradient_evidence(small, unchanged):
 
 def test_bad_inputs_raise_before_work(small, small_tokens, monkeypatch):
     calls = []
-    monkeypatch.setattr(H, "_pattern_rows", lambda *a, **k: calls.append(1))
+    for module in (H, attention, rare_tokens):  # each module that runs the attention forward
+        monkeypatch.setattr(module, "_pattern_rows", lambda *a, **k: calls.append(1))
     freq = torch.ones(small.cfg.d_vocab)
     cases = [
         (lambda: H.first_token_attention(small, small_tokens, 0), "prefix_len"),

@@ -105,6 +105,7 @@ def _c(path: str) -> Callable:
 
 
 R = "memloc.localize.random_baseline.random_scores"
+CO = "memloc.contrastive_objective"
 CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.ablation.ablate": _ablate,
     "memloc.ablation.mean_activations": lambda m, d: _c("memloc.ablation.mean_activations")(m, d.x),
@@ -125,14 +126,14 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
         m, "random", {"seed": [0, 1]}, d.x, P, random_tokens=d.nmp, progress_bar=False),
     "memloc.borrow.borrowed": _borrowed,
     "memloc.borrow.trainable_only": _trainable_only,
-    "memloc.contrastive.continuation_logits": lambda m, d: _c("memloc.contrastive.continuation_logits")(m, d.x, P),
+    f"{CO}.continuation_logits": lambda m, d: _c(f"{CO}.continuation_logits")(m, d.x, P),
     "memloc.contrastive.contrastive_gradients": lambda m, d: _c("memloc.contrastive.contrastive_gradients")(
         m, d.x, d.nmp, P, n_nmp_per_batch=2, progress_bar=False),
-    "memloc.contrastive.contrastive_loss": lambda m, d: _c("memloc.contrastive.contrastive_loss")(m, d.x, P, d.nmp),
-    "memloc.contrastive.eligible_parameters": lambda m, d: _c("memloc.contrastive.eligible_parameters")(m),
-    "memloc.contrastive.finetune_mask": lambda m, d: _c("memloc.contrastive.finetune_mask")(m, d.x, d.nmp, P),
-    "memloc.contrastive.reference_logits": lambda m, d: _c("memloc.contrastive.reference_logits")(m, d.nmp, P),
-    "memloc.contrastive.sparse_finetune": lambda m, d: _c("memloc.contrastive.sparse_finetune")(
+    f"{CO}.contrastive_loss": lambda m, d: _c(f"{CO}.contrastive_loss")(m, d.x, d.nmp, P),
+    f"{CO}.eligible_parameters": lambda m, d: _c(f"{CO}.eligible_parameters")(m),
+    f"{CO}.reference_logits": lambda m, d: _c(f"{CO}.reference_logits")(m, d.nmp, P),
+    "memloc.finetune.finetune_mask": lambda m, d: _c("memloc.finetune.finetune_mask")(m, d.x, d.nmp, P),
+    "memloc.finetune.sparse_finetune": lambda m, d: _c("memloc.finetune.sparse_finetune")(
         m, d.x, d.nmp, P, steps=1, n_nmp_per_batch=2, progress_bar=False),
     "memloc.data.tokenize_texts": lambda m, d: _c("memloc.data.tokenize_texts")(m, ["a short text", "another"]),
     "memloc.gradients.activation_gradients": lambda m, d: _c("memloc.gradients.activation_gradients")(
@@ -145,11 +146,11 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.heads.find_memorization_heads": lambda m, d: _c("memloc.heads.find_memorization_heads")(
         m, d.x, d.nmp, P, frequencies=torch.arange(m.cfg.d_vocab, dtype=torch.float32), progress_bar=False,
         contrastive_kwargs={"n_nmp_per_batch": 2}),
-    "memloc.heads.first_token_attention": lambda m, d: _c("memloc.heads.first_token_attention")(
+    "memloc.attention.first_token_attention": lambda m, d: _c("memloc.attention.first_token_attention")(
         m, d.x, P, progress_bar=False),
-    "memloc.heads.first_token_attention_frame": lambda m, d: _c("memloc.heads.first_token_attention_frame")(
+    "memloc.attention.first_token_attention_frame": lambda m, d: _c("memloc.attention.first_token_attention_frame")(
         m, d.x, P, layer=1, decode=False, progress_bar=False),
-    "memloc.heads.rare_token_attention": lambda m, d: _c("memloc.heads.rare_token_attention")(
+    "memloc.rare_tokens.rare_token_attention": lambda m, d: _c("memloc.rare_tokens.rare_token_attention")(
         m, d.x, P, torch.arange(m.cfg.d_vocab, dtype=torch.float32), layer=1, progress_bar=False),
     "memloc.localize._common.capture_clean": _capture_and_replay,
     "memloc.localize._common.logits_at": lambda m, d: _c("memloc.localize._common.logits_at")(

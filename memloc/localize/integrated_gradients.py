@@ -110,12 +110,31 @@ def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
             GPT-Neo / GPT-2 (both before any work).
         RuntimeError: ``implementation="direct"`` when its setup check against the full forward fails.
     """
+    tokens, layers, positions = _check_args(model, tokens, prefix_len, steps, batch_size, layers, positions,
+                                            implementation)
+    with borrowed(model), kv_cache_kwarg_aliased(model):
+        trainable_only(model)  # only the patched activations need gradients
+        clean, cache, acts, state = _clean_run(model, tokens)
+        path, weights = _choose_path(model, implementation, tokens, prefix_len, clean, cache, acts, state,
+                                     layers, positions, steps, batch_size)
+        alphas = riemann_alphas(steps, device=tokens.device).to(acts.dtype)
+        grads = _path_gradients(path, model, weights, tokens, positions, alphas, batch_size, steps, layers, cache,
+                                acts, state, progress_bar)
+        scores = torch.full((model.cfg.n_layers, model.cfg.d_mlp), float("nan"), device=tokens.device)
+        scores[layers] = accumulate(grads, acts, layers, steps, len(positions))  # runs the path's generator
+        return scores
+
+
+def _check_args(model: Any, tokens: Any, prefix_len: Any, steps: Any, batch_size: Any, layers: Any, positions: Any,
+                implementation: Any) -> tuple[Tensor, list[int], list[int]]:
+    """Validate the arguments of :func:`integrated_gradients` (before any work); returns the
+    ``[1, seq]`` tokens and the layers and positions with their defaults filled in."""
     tokens = prepare_sequence(model, tokens, prefix_len)
     check_positive_int(steps, "steps")
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
     check_choice(implementation, "implementation", IMPLEMENTATIONS)
-    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    n_layers = model.cfg.n_layers
     if layers is None:
         layers = list(range(n_layers))
     bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers]
@@ -133,26 +152,22 @@ def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
     if implementation == "direct" and _ig_direct.model_type(model) not in _ig_direct.ARCHS:
         raise ValueError(f"implementation='direct' supports {sorted(_ig_direct.ARCHS)} models only, got "
                          f"{_ig_direct.model_type(model)!r}; use 'auto' (falls back to 'kv_cache' or 'full')")
-    with borrowed(model), kv_cache_kwarg_aliased(model):
-        trainable_only(model)  # only the patched activations need gradients
-        clean, cache, acts, state = _clean_run(model, tokens)
-        path, weights = _choose_path(model, implementation, tokens, prefix_len, clean, cache, acts, state,
-                                     layers, positions, steps, batch_size)
-        alphas = riemann_alphas(steps, device=tokens.device).to(acts.dtype)
-        if path == "direct":
-            batch = batch_size or _ig_direct.default_batch(model, seq)
-            grads = _ig_direct.gradients(weights, tokens, positions, alphas, batch, layers, acts, state,
-                                         progress_bar)
-        elif path == "kv_cache":
-            batch = batch_size or _ig_kv_cache.default_batch(model, seq, len(layers), steps)
-            grads = _ig_kv_cache.gradients(model, tokens, positions, alphas, batch, layers, cache, acts,
-                                           progress_bar)
-        else:
-            grads = _full_gradients(model, tokens, positions, alphas, batch_size or steps, layers, acts,
-                                    progress_bar)
-        scores = torch.full((n_layers, d_mlp), float("nan"), device=tokens.device)
-        scores[layers] = accumulate(grads, acts, layers, steps, len(positions))  # runs the path's generator
-        return scores
+    return tokens, layers, positions
+
+
+def _path_gradients(path: str, model: Any, weights: Any, tokens: Tensor, positions: list[int], alphas: Tensor,
+                    batch_size: int | None, steps: int, layers: list[int], cache: Any, acts: Tensor,
+                    state: dict[str, Tensor], progress_bar: bool) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The chosen path's generator of ``(j, q, g)`` gradient rows for :func:`accumulate` (Eq. 15),
+    with its default batch size where ``batch_size`` is None."""
+    seq = tokens.shape[1]
+    if path == "direct":
+        batch = batch_size or _ig_direct.default_batch(model, seq)
+        return _ig_direct.gradients(weights, tokens, positions, alphas, batch, layers, acts, state, progress_bar)
+    if path == "kv_cache":
+        batch = batch_size or _ig_kv_cache.default_batch(model, seq, len(layers), steps)
+        return _ig_kv_cache.gradients(model, tokens, positions, alphas, batch, layers, cache, acts, progress_bar)
+    return _full_gradients(model, tokens, positions, alphas, batch_size or steps, layers, acts, progress_bar)
 
 
 def _choose_path(model: Any, implementation: str, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any,
