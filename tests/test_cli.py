@@ -57,10 +57,24 @@ def test_every_subcommand_takes_threads_and_applies_it(name, monkeypatch, restor
     torch.set_num_threads(1)
     assert cli.main(["--threads", "2", name, *REQUIRED.get(name, [])]) == 0  # the global spelling
     assert seen["threads"] == 2
-    # default: one thread when only the embedded model runs
+    # default when only the embedded model runs: the idle cores (busy 2-core machine: one thread)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     torch.set_num_threads(2)
     assert cli.main([name, *REQUIRED.get(name, [])] + (["--model", "tiny"] if name == "perf" else [])) == 0
     assert seen["threads"] == 1 and seen["args"].threads == 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 1.0, 1.0))  # idle: both cores
+    torch.set_num_threads(1)
+    assert cli.main([name, *REQUIRED.get(name, [])] + (["--model", "tiny"] if name == "perf" else [])) == 0
+    assert seen["threads"] == 2 and seen["args"].threads == 2
+
+
+@pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 2), (2, 0.6, 1), (2, 1.4, 1), (2, 5.0, 1), (8, 2.2, 6),
+                                                 (1, 0.0, 1)])
+def test_idle_cores(monkeypatch, cores, load, expected):
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert cli.idle_cores() == expected
 
 
 def test_threads_default_leaves_other_models_alone(monkeypatch, restore_globals):
