@@ -174,6 +174,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
                dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Model:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
+    (Over 80 lines through this docstring and the distinct, early error messages for a missing
+    path, a directory without config.json and an unreachable hub, each a newcomer's first step.)
+
     Args:
         name_or_path: ``None`` or ``"tiny"`` for the embedded model (package data, no network);
             a local Hugging Face directory (loaded offline); or a hub name (needs the hub, or

@@ -35,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
-    """Same-run fast vs slow timings of the speedups the reproduce stages use (embedded model)."""
+    """Same-run fast vs slow timings of the speedups the reproduce stages use (embedded model).
+
+    (Over 80 lines: one short fast-vs-slow comparison per speedup, each a row of the output, kept
+    together so the rows share the loaded model and paragraphs.)"""
     import numpy as np
 
     from memloc.benchmarks import del_benchmark

@@ -62,7 +62,7 @@ def _ablate(m, d):
 
 
 def _injected(m, d):
-    from memloc.benchmarks.inj import injected
+    from memloc.benchmarks.injection import injected
     with injected(m, d.x[:1], d.mask, max_steps=2):
         m(d.x)
 
@@ -116,12 +116,12 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.benchmarks.dele.del_benchmark": lambda m, d: _c("memloc.benchmarks.dele.del_benchmark")(
         m, ["random"], d.x, P, targets=[0], ratios=(0.01,), random_tokens=d.nmp, progress_bar=False),
     "memloc.benchmarks.dele.memorized_set": lambda m, d: _c("memloc.benchmarks.dele.memorized_set")(m, "tiny", n=2),
-    "memloc.benchmarks.inj.ffn_value_vectors": lambda m, d: _c("memloc.benchmarks.inj.ffn_value_vectors")(m),
+    "memloc.benchmarks.injection.ffn_value_vectors": lambda m, d: _c("memloc.benchmarks.injection.ffn_value_vectors")(m),
     "memloc.benchmarks.inj.inj_benchmark": lambda m, d: _c("memloc.benchmarks.inj.inj_benchmark")(
         m, ["random"], sequences=["Gettr (stylized GETTR) is an alt-tech social media platform"], ratios=(0.01,),
         max_len=6, max_steps=2, progress_bar=False),
-    "memloc.benchmarks.inj.injected": _injected,
-    "memloc.benchmarks.inj.injection_loss": lambda m, d: _c("memloc.benchmarks.inj.injection_loss")(m, d.x[:1]),
+    "memloc.benchmarks.injection.injected": _injected,
+    "memloc.benchmarks.injection.injection_loss": lambda m, d: _c("memloc.benchmarks.injection.injection_loss")(m, d.x[:1]),
     "memloc.benchmarks.tuning.tune_del": lambda m, d: _c("memloc.benchmarks.tuning.tune_del")(
         m, "random", {"seed": [0, 1]}, d.x, P, random_tokens=d.nmp, progress_bar=False),
     "memloc.borrow.borrowed": _borrowed,
@@ -206,6 +206,16 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     **{f"memloc.localize._ig_kv_cache.{n}": Skip("an internal step of integrated_gradients' KV-cache path "
                                                  "(tests/test_localize.py and tests/test_dtypes.py run it)")
        for n in ("check", "default_batch", "gradients")},
+    **{f"memloc.benchmarks._scores.{n}": Skip("the score cache's read/write halves of localize_cached, run by every "
+                                               "DEL/INJ sweep with a cache_dir (tests/test_executor_ray.py, "
+                                               "tests/test_benchmarks.py)")
+       for n in ("cached_scores", "store_scores")},
+    **{f"memloc.benchmarks.dropout.{n}": Skip("one DEL evaluation step; del_benchmark has a case and "
+                                              "tests/test_benchmarks.py compares the fast measurer with ablate")
+       for n in ("DropoutMeasurer", "measure", "evaluate_dropout")},
+    **{f"memloc.benchmarks.injection.{n}": Skip("the injected rows of an INJ worker; inj_benchmark has a case and "
+                                                "tests/test_executor_ray.py runs them across processes")
+       for n in ("injected_rows", "with_injected_rows")},
     "memloc.localize._masks.train_masks": Skip("the loop inside slimming and hard_concrete, which have cases"),
     **{f"memloc.localize.reference.{n}": Skip("the papers' slow reference loops (tests/test_localize.py compares "
                                               "every fast path with them)")

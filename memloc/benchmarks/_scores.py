@@ -25,7 +25,7 @@ from ..cache import tensor_bytes as _tensor_bytes  # noqa: F401  (the old privat
 logger = logging.getLogger(__name__)
 
 __all__ = ["resolve_methods", "check_method_kwargs", "accepted_hyperparameters", "model_fingerprint", "localize_cached", "score_cache_path",
-           "with_sequence_seed", "with_defaults"]
+           "with_sequence_seed", "with_defaults", "cached_scores", "store_scores"]
 
 #: The paper's method order (Chang et al. Tables 2 and 3), used when sorting tables.
 PAPER_ORDER = ("hard_concrete", "slimming", "zero_out", "integrated_gradients", "activations",
@@ -226,3 +226,32 @@ def localize_cached(model: Any, method: str, fn: Callable, tokens: Int[Tensor, "
     if path is not None:
         ContentCache.save_tensors(path, {"scores": scores}, meta)
     return scores
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _not_cached(*args: Any, **kwargs: Any) -> Tensor:
+    raise _NotCached
+
+
+def cached_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, cache_dir: str | Path | None,
+                  fingerprint: str | None) -> Tensor | None:
+    """The scores of (model, method, hyperparameters, sequence) from the score cache, or None."""
+    if cache_dir is None or not score_cache_path(cache_dir, fingerprint, name, kw, x, prefix_len).exists():
+        return None
+    try:
+        return localize_cached(model, name, _not_cached, x, prefix_len, kw, cache_dir=cache_dir,
+                               fingerprint=fingerprint)
+    except _NotCached:
+        return None
+
+
+def store_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, scores: Tensor,
+                 cache_dir: str | Path | None, fingerprint: str | None) -> Tensor:
+    """Write scores computed elsewhere (a worker) into the score cache, exactly as a serial run would."""
+    if cache_dir is None:
+        return scores
+    return localize_cached(model, name, lambda *a, **k: scores, x, prefix_len, kw, cache_dir=cache_dir,
+                           fingerprint=fingerprint)

@@ -15,7 +15,6 @@ row of ΔAcc over X is one row of the confusion matrix of Figure 2.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +24,17 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._checks import check_choice, check_positive_int, check_tokens
 from .._progress import progress
-from ..ablation import ablate, mean_activations, select_top_k
+from ..ablation import mean_activations
 from ..borrow import borrowed
-from ..metrics import char_distances, perplexity, teacher_forced
+from ..metrics import teacher_forced
 from ..executors import Task, check_calls, resolve_executor
-from ._scores import (PAPER_ORDER, check_method_kwargs, localize_cached, model_fingerprint, resolve_methods,
-                      score_cache_path, with_defaults)
+from ._scores import (PAPER_ORDER, cached_scores, check_method_kwargs, localize_cached, model_fingerprint,
+                      resolve_methods, store_scores, with_defaults)
+from .dropout import DelSetting, eval_cache_path, evaluate_dropout, measure, read_eval, write_eval
 
 logger = logging.getLogger(__name__)
 
@@ -141,233 +140,13 @@ def _check_ratios(ratios: Any) -> list[float]:
     return [float(r) for r in ratios]
 
 
-def _measure(model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
-             tokenizer: Any) -> tuple[Tensor, Tensor, float]:
-    tf = teacher_forced(model, tokens, prefix_len, batch_size=batch_size)
-    dist = char_distances(model, tf["argmax"], tokens[:, prefix_len:].cpu(), tokenizer).double()
-    ppl = perplexity(model, random_tokens, batch_size=batch_size) if random_tokens is not None else float("nan")
-    return tf["accuracy"].double(), dist, ppl
-
-
-class _DropoutMeasurer:
-    """ΔAcc/ΔDist/Rand-PPL under several dropout masks at once, re-running only the layers a mask can touch.
-
-    Every mask of the benchmark leaves the excluded bottom layers ``< start`` intact, so the input of
-    block ``start`` is the same under every dropout: it is cached once per sequence
-    (:func:`memloc.localize._common.partial_forward`, checked against a full forward) and each
-    measurement re-runs blocks ``start..L-1`` only, unembedding only the positions read (the
-    suffix-predicting ones for Self/Neg, all but the last for Rand-PPL).  The masks are applied
-    row-wise (one mask per copy of the set in the batch) by a multiplicative hook at
-    ``blocks.{l}.mlp.hook_post`` (zero: ``h * keep``; mean: ``h * keep + mean * (1 - keep)``), so
-    the ratios of one (method, target) share forwards (up to ``batch_size`` rows each).  Equal to measuring each
-    mask under :func:`memloc.ablation.ablate` with full forwards (tests/test_benchmarks.py).
-    """
-
-    def __init__(self, model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
-                 tokenizer: Any, start: int, means: Tensor | None) -> None:
-        from ..localize._common import partial_forward, suffix_positions
-
-        self.model, self.tokens, self.prefix_len, self.batch_size = model, tokens, prefix_len, batch_size
-        self.tokenizer, self.start, self.means = tokenizer, start, means
-        self.runs = []
-        for part in (tokens, random_tokens):
-            if part is None:
-                self.runs.append(None)
-                continue
-            pos = suffix_positions(part.shape[1], prefix_len) if part is tokens else slice(0, part.shape[1] - 1)
-            fns = []
-            for i in range(0, len(part), batch_size):
-                fn = partial_forward(model, part[i:i + batch_size], start, pos, what="DEL dropout measurement")
-                if fn is None:
-                    self.ok = False
-                    return
-                fns.append((i, fn))
-            self.runs.append((part, fns))
-        self.ok = True
-
-    def _forward(self, which: int, keep: Tensor) -> list[Tensor]:
-        """Logits of every copy r of set ``which`` under ``keep[r]`` [R, layer, neuron] (float)."""
-        from ..models import neuron_hook_name
-
-        part, fns = self.runs[which]
-        n_layers = int(self.model.cfg.n_layers)
-        current: dict[str, Tensor] = {}
-
-        def hook(act, hook):
-            k = current["keep"][:, int(hook.name.split(".")[1])].to(act.dtype).unsqueeze(1)  # [rows, 1, neuron]
-            if self.means is None:
-                return act * k
-            m = self.means[int(hook.name.split(".")[1])].to(act.device, act.dtype)
-            return act * k + m * (1 - k)
-
-        out = [[] for _ in range(len(keep))]
-        hooks = [(neuron_hook_name(l), hook) for l in range(self.start, n_layers)]
-        with self.model.hooks(fwd_hooks=hooks), torch.no_grad():
-            # rows (copy r, sequence i), batched over copies: each cached chunk runs once per copy group
-            for i, fn in fns:
-                resid = fn.resid
-                b = len(resid)
-                per = max(1, self.batch_size // b)
-                for r0 in range(0, len(keep), per):
-                    rs = list(range(r0, min(len(keep), r0 + per)))
-                    current["keep"] = keep[rs].to(resid.device).repeat_interleave(b, dim=0)
-                    logits = fn(resid.repeat(len(rs), 1, 1))
-                    for j, r in enumerate(rs):
-                        out[r].append(logits[j * b:(j + 1) * b])
-        return [torch.cat(o) for o in out]
-
-    def __call__(self, masks: list[Tensor]) -> list[tuple[Tensor, Tensor, float]]:
-        import math
-
-        import torch.nn.functional as F
-
-        keep = (~torch.stack([m.cpu() for m in masks])).float()
-        target = self.tokens[:, self.prefix_len:]
-        results = []
-        tf_logits = self._forward(0, keep)
-        ppls = [float("nan")] * len(masks)
-        if self.runs[1] is not None:
-            part = self.runs[1][0]
-            for r, lg in enumerate(self._forward(1, keep)):
-                total = F.cross_entropy(lg.float().transpose(1, 2), part[:, 1:], reduction="sum").item()
-                ppls[r] = math.exp(total / part[:, 1:].numel())
-        for r, lg in enumerate(tf_logits):
-            lg = lg.float()
-            argmax = lg.argmax(-1).cpu()
-            acc = (argmax == target.cpu()).float().mean(1)
-            dist = char_distances(self.model, argmax, target.cpu(), self.tokenizer).double()
-            results.append((acc.double(), dist, ppls[r]))
-        return results
-
-
-@dataclass(frozen=True)
-class _DelSetting:
-    """Everything an evaluation task needs besides the scores (sent to the workers as it is)."""
-
-    tokens: Tensor
-    prefix_len: int
-    random_tokens: Tensor | None
-    batch_size: int
-    tokenizer: Any
-    exclude_layers: list
-    mode: str
-    means: Tensor | None
-    start: int = 0
-    fast: bool = True
-
-    def key(self) -> list[str]:
-        """The parts of an evaluation's cache key that come from the setting."""
-        rand = "none" if self.random_tokens is None else _digest(self.random_tokens)
-        return [_digest(self.tokens), str(int(self.prefix_len)), rand, str(int(self.batch_size)),
-                repr(sorted(self.exclude_layers)), self.mode, repr(self.tokenizer is None)]
-
-    def measurer(self, model: Any) -> "_DropoutMeasurer | None":
-        """The fast dropout measurer of this setting on ``model`` (built once per process and model:
-        it caches the input of the first droppable block), or None for ``fast=False`` or when its
-        self-check failed (then a WARNING was logged and full forwards run)."""
-        if not self.fast:
-            return None
-        key = (id(model), _digest(self.tokens), self.prefix_len, self.start, self.batch_size,
-               None if self.random_tokens is None else _digest(self.random_tokens), self.mode)
-        if _MEASURERS.get("key") != key:
-            m = _DropoutMeasurer(model, self.tokens, self.prefix_len, self.random_tokens, self.batch_size,
-                                 self.tokenizer, self.start, self.means)
-            _MEASURERS.clear()
-            _MEASURERS.update(key=key, measurer=m if m.ok else None)
-        return _MEASURERS["measurer"]
-
-
-#: The last-used fast measurer of this process (a worker keeps it across its evaluation tasks).
-_MEASURERS: dict[str, Any] = {}
-
-
-def _digest(t: Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((t.dtype, tuple(t.shape))).encode())
-    h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def _scores_task(model: Any, name: str, fn: Callable, x: Tensor, prefix_len: int, kw: dict) -> Tensor:
     """Attribution task: one method's neuron scores on one target (checked as the cache stores them)."""
     return localize_cached(model, name, fn, x, prefix_len, kw)
 
 
-def _evaluate(model: Any, s: _DelSetting, scores: Tensor, r: float) -> tuple[Tensor, Tensor, float, int]:
-    """Evaluation task: drop out the top-``r`` neurons of ``scores`` per layer (except the excluded
-    layers) and measure accuracy and distance of every sequence of X and the Rand-PPL."""
-    if r == 0:
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-    else:
-        mask = select_top_k(scores, r, per_layer=True, exclude_layers=s.exclude_layers)
-    measurer = s.measurer(model)
-    if measurer is not None:
-        (acc, dist, ppl), = measurer([mask])
-    else:
-        with ablate(model, mask, mode=s.mode, means=s.means):
-            acc, dist, ppl = _measure(model, s.tokens, s.prefix_len, s.random_tokens, s.batch_size, s.tokenizer)
-    return acc, dist, ppl, int(mask.sum())
-
-
-def _eval_cache_path(cache_dir: str | Path, fingerprint: str, scores: Tensor, r: float, setting: _DelSetting) -> Path:
-    h = hashlib.blake2b(digest_size=16)
-    for part in [fingerprint, _digest(scores), repr(float(r)), *setting.key()]:
-        h.update(part.encode())
-        h.update(b"\0")
-    return Path(cache_dir) / "del_eval" / f"{h.hexdigest()}.safetensors"
-
-
-def _read_eval(path: Path) -> tuple[Tensor, Tensor, float, int] | None:
-    if not path.exists():
-        return None
-    try:
-        d = load_file(str(path))
-        return d["acc"], d["dist"], float(d["ppl"][0]), int(d["n_dropped"][0])
-    except Exception as exc:  # a truncated or foreign file: recompute and overwrite
-        logger.warning("could not read DEL evaluation cache %s (%s); recomputing", path, exc)
-        return None
-
-
-def _write_eval(path: Path, value: tuple[Tensor, Tensor, float, int]) -> None:
-    acc, dist, ppl, n_dropped = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"acc": acc.contiguous(), "dist": dist.contiguous(), "ppl": torch.tensor([ppl], dtype=torch.float64),
-               "n_dropped": torch.tensor([n_dropped], dtype=torch.long)}, str(tmp))
-    tmp.replace(path)
-
-
-class _NotCached(Exception):
-    pass
-
-
-def _not_cached(*args: Any, **kwargs: Any) -> Tensor:
-    raise _NotCached
-
-
-def _cached_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, cache_dir: str | Path | None,
-                  fingerprint: str | None) -> Tensor | None:
-    """The scores of (model, method, hyperparameters, sequence) from the score cache, or None."""
-    if cache_dir is None or not score_cache_path(cache_dir, fingerprint, name, kw, x, prefix_len).exists():
-        return None
-    try:
-        return localize_cached(model, name, _not_cached, x, prefix_len, kw, cache_dir=cache_dir,
-                               fingerprint=fingerprint)
-    except _NotCached:
-        return None
-
-
-def _store_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, scores: Tensor,
-                 cache_dir: str | Path | None, fingerprint: str | None) -> Tensor:
-    """Write scores computed elsewhere (a worker) into the score cache, exactly as a serial run would."""
-    if cache_dir is None:
-        return scores
-    return localize_cached(model, name, lambda *a, **k: scores, x, prefix_len, kw, cache_dir=cache_dir,
-                           fingerprint=fingerprint)
-
-
 def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs: list, pair_kwargs: dict,
-                   ratios: list[float], setting: _DelSetting, cache_dir: str | Path | None, fingerprint: str | None,
+                   ratios: list[float], setting: DelSetting, cache_dir: str | Path | None, fingerprint: str | None,
                    progress_bar: bool) -> dict:
     """Attribution and evaluation results ``{(method, target row, ratio): (acc, dist, ppl, n_dropped)}``:
     read from the cache where present, the missing ones computed by ``executor``."""
@@ -378,18 +157,18 @@ def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs
     def eval_tasks(name: str, t: int, scores: Tensor) -> list[Task]:
         tasks = []
         for r in ratios:
-            path = _eval_cache_path(cache_dir, fingerprint, scores, r, setting) if cache_dir is not None else None
-            hit = _read_eval(path) if path is not None else None
+            path = eval_cache_path(cache_dir, fingerprint, scores, r, setting) if cache_dir is not None else None
+            hit = read_eval(path) if path is not None else None
             if hit is not None:
                 out[(name, t, r)] = hit
                 stats.n_cached += 1
             else:
-                tasks.append(Task(_evaluate, (setting, scores, r), ("eval", name, t, r, path)))
+                tasks.append(Task(evaluate_dropout, (setting, scores, r), ("eval", name, t, r, path)))
         return tasks
 
     tasks = []
     for name, t in pairs:
-        scores = _cached_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], cache_dir, fingerprint)
+        scores = cached_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], cache_dir, fingerprint)
         if scores is None:
             tasks.append(Task(_scores_task, (name, fns[name], x[t], setting.prefix_len, pair_kwargs[(name, t)]),
                               ("scores", name, t), spawns=len(ratios)))
@@ -400,12 +179,12 @@ def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs
     def on_done(task: Task, result: Any) -> list[Task]:
         if task.key[0] == "scores":
             _, name, t = task.key
-            scores = _store_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], result, cache_dir,
+            scores = store_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], result, cache_dir,
                                   fingerprint)
             return eval_tasks(name, t, scores)
         _, name, t, r, path = task.key
         if path is not None:
-            _write_eval(path, result)
+            write_eval(path, result)
         out[(name, t, r)] = result
         return []
 
@@ -423,6 +202,9 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                   tokenizer: Any = None, cache_dir: str | Path | None = None, fast: bool = True,
                   progress_bar: bool = True, executor: Any = "serial") -> DelResult:
     """Run the DEL benchmark (Chang et al. §3.2/§5.2, Table 3 and Figure 2).
+
+    (Over 80 lines only through this docstring, which documents its 20 arguments; the body is
+    argument checks, then the task sweep of ``_run_del_tasks`` and the tables of ``_del_result``.)
 
     Args:
         model: the TransformerBridge (borrowed; only hooks are added, and removed again).
@@ -455,7 +237,7 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
             a sweep run again with the same ``cache_dir`` computes only what is missing.
         fast: measure the dropouts by re-running only the layers above the excluded ones from the
             cached input of the first droppable block (the same numbers as full forwards under
-            :func:`memloc.ablation.ablate`, which ``fast=False`` runs; see ``_DropoutMeasurer``).
+            :func:`memloc.ablation.ablate`, which ``fast=False`` runs; see :class:`memloc.benchmarks.dropout.DropoutMeasurer`).
             Methods with a ``layers`` keyword (ZERO-OUT, IG) score only the non-excluded layers
             either way.
         progress_bar: progress bar over the tasks (attributions and evaluations).
@@ -481,6 +263,40 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                          f"layer, got {exclude_layers}")
     if (tokenizer or getattr(model, "tokenizer", None)) is None:
         raise ValueError("the Levenshtein distance needs a tokenizer: the model has none, pass tokenizer=")
+    tokens, prefix_len, ids = _memorized_set_x(model, tokens, prefix_len, ids, set_size, batch_size)
+    n = len(tokens)
+    targets = _check_targets(targets, n, n_targets)
+    random_tokens = _random_batch(model, random_tokens, n_random)
+    if random_tokens is None and mode == "mean":
+        raise ValueError("mode='mean' needs random_tokens (the reference batch for the means)")
+
+    start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
+    while start_layer in exclude_layers:
+        start_layer += 1
+    pairs = [(name, t) for name in fns for t in targets]
+    # the excluded layers are never dropped: methods with a ``layers`` keyword (ZERO-OUT, IG) score
+    # only the others (the same top-k selection, without the cost of the excluded layers)
+    scored_layers = [l for l in range(n_layers) if l not in exclude_layers]
+    pair_kwargs = {(name, t): with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer,
+                                            layers=scored_layers)
+                   for name, t in pairs}
+    check_calls(fns, {name: pair_kwargs[(name, t)] for name, t in pairs})
+
+    with borrowed(model):
+        acc0, dist0, ppl0 = measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer)
+        means = mean_activations(model, random_tokens, batch_size=batch_size) if mode == "mean" else None
+        fingerprint = model_fingerprint(model) if cache_dir is not None else None
+        setting = DelSetting(tokens, prefix_len, random_tokens, batch_size, tokenizer, exclude_layers, mode, means,
+                             start=start_layer, fast=bool(fast))
+        measured = _run_del_tasks(executor, model, fns, pairs, pair_kwargs, ratios, setting, cache_dir, fingerprint,
+                                  progress_bar)
+        return _del_result(measured, pairs, targets, ratios, ids, acc0, dist0, ppl0)
+
+
+def _memorized_set_x(model: Any, tokens: Any, prefix_len: Any, ids: Any, set_size: Any,
+                     batch_size: int) -> tuple[Tensor, int, list]:
+    """The memorized set X, its prefix length and row labels: ``tokens`` as given (checked), or the
+    embedded model's fully memorized paragraphs except the tuning dev set (A.7)."""
     if tokens is None:
         if prefix_len is not None:
             raise ValueError("prefix_len is only used together with tokens")
@@ -508,13 +324,21 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
     ids = list(range(n)) if ids is None else list(ids)
     if len(ids) != n or len(set(ids)) != n:
         raise ValueError(f"ids must be {n} distinct labels, one per row of tokens")
-    if targets is None:
-        targets = list(range(n))
-    targets = list(targets)
+    return tokens, prefix_len, ids
+
+
+def _check_targets(targets: Any, n: int, n_targets: Any) -> list[int]:
+    targets = list(range(n)) if targets is None else list(targets)
     if not targets or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n for t in targets):
         raise ValueError(f"targets must be a non-empty list of row indices in 0..{n - 1}, got {targets}")
     if n_targets is not None:
         targets = targets[:check_positive_int(n_targets, "n_targets")]
+    return targets
+
+
+def _random_batch(model: Any, random_tokens: Any, n_random: int) -> Tensor | None:
+    """The random batch D of ΔRand-PPL: as given (checked), else the bundled held-out text of the
+    model's paragraph profile (the embedded model), else None (ΔRand-PPL is NaN)."""
     if random_tokens is None:
         try:
             from ..data import bundled_profile, random_sequences
@@ -524,46 +348,29 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
                 random_tokens = random_sequences(profile.name)[:n_random]
         except ValueError:
             random_tokens = None
-    if random_tokens is not None:
-        random_tokens = check_tokens(model, random_tokens, name="random_tokens")
-    elif mode == "mean":
-        raise ValueError("mode='mean' needs random_tokens (the reference batch for the means)")
+    return None if random_tokens is None else check_tokens(model, random_tokens, name="random_tokens")
 
-    start_layer = 0  # first layer above the excluded bottom layers (mask methods train from there)
-    while start_layer in exclude_layers:
-        start_layer += 1
-    pairs = [(name, t) for name in fns for t in targets]
-    # the excluded layers are never dropped: methods with a ``layers`` keyword (ZERO-OUT, IG) score
-    # only the others (the same top-k selection, without the cost of the excluded layers)
-    scored_layers = [l for l in range(n_layers) if l not in exclude_layers]
-    pair_kwargs = {(name, t): with_defaults(fns[name], kwargs[name], seed=int(t), start_layer=start_layer,
-                                            layers=scored_layers)
-                   for name, t in pairs}
-    check_calls(fns, {name: pair_kwargs[(name, t)] for name, t in pairs})
 
-    with borrowed(model):
-        acc0, dist0, ppl0 = _measure(model, tokens, prefix_len, random_tokens, batch_size, tokenizer)
-        means = mean_activations(model, random_tokens, batch_size=batch_size) if mode == "mean" else None
-        fingerprint = model_fingerprint(model) if cache_dir is not None else None
-        setting = _DelSetting(tokens, prefix_len, random_tokens, batch_size, tokenizer, exclude_layers, mode, means,
-                              start=start_layer, fast=bool(fast))
-        measured = _run_del_tasks(executor, model, fns, pairs, pair_kwargs, ratios, setting, cache_dir, fingerprint,
-                                  progress_bar)
-        rows = []
-        d_acc: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
-        d_dist: dict[tuple[str, float], list] = {(m, r): [] for m in fns for r in ratios}
-        for name, t in pairs:
-            for r in ratios:
-                acc, dist, ppl, n_dropped = measured[(name, t, r)]
-                da, dd = acc - acc0, dist - dist0
-                neg = torch.ones(n, dtype=torch.bool)
-                neg[t] = False
-                rows.append({"method": name, "ratio": r, "target_id": ids[t], "d_self_acc": float(da[t]),
-                             "d_self_dist": float(dd[t]), "d_neg_acc": float(da[neg].mean()),
-                             "d_neg_dist": float(dd[neg].mean()), "d_rand_ppl": ppl - ppl0,
-                             "n_dropped": n_dropped, "self_acc_before": float(acc0[t])})
-                d_acc[(name, r)].append(da.numpy())
-                d_dist[(name, r)].append(dd.numpy())
+def _del_result(measured: dict, pairs: list, targets: list[int], ratios: list[float], ids: list, acc0: Tensor,
+                dist0: Tensor, ppl0: float) -> DelResult:
+    """Table 3 rows and the Figure 2 matrices from the measured dropouts (differences to the baseline)."""
+    n = len(ids)
+    names = list(dict.fromkeys(name for name, _ in pairs))
+    rows = []
+    d_acc: dict[tuple[str, float], list] = {(m, r): [] for m in names for r in ratios}
+    d_dist: dict[tuple[str, float], list] = {(m, r): [] for m in names for r in ratios}
+    for name, t in pairs:
+        for r in ratios:
+            acc, dist, ppl, n_dropped = measured[(name, t, r)]
+            da, dd = acc - acc0, dist - dist0
+            neg = torch.ones(n, dtype=torch.bool)
+            neg[t] = False
+            rows.append({"method": name, "ratio": r, "target_id": ids[t], "d_self_acc": float(da[t]),
+                         "d_self_dist": float(dd[t]), "d_neg_acc": float(da[neg].mean()),
+                         "d_neg_dist": float(dd[neg].mean()), "d_rand_ppl": ppl - ppl0,
+                         "n_dropped": n_dropped, "self_acc_before": float(acc0[t])})
+            d_acc[(name, r)].append(da.numpy())
+            d_dist[(name, r)].append(dd.numpy())
     target_ids = pd.Index([ids[t] for t in targets], name="target_id")
     seq_ids = pd.Index(ids, name="seq_id")
     matrices = {key: pd.DataFrame(np.stack(v), index=target_ids, columns=seq_ids) for key, v in d_acc.items()}

@@ -1,5 +1,20 @@
 """ZERO-OUT (Chang et al. §4, Eq. 7), exhaustive and exact, recomputing only the layers after the
-ablated one."""
+ablated one.
+
+Precision: the clean forward runs in the model's dtype.  The re-run blocks ``l+1..L-1``, final
+norm and unembedding of the fast path run in ``compute_dtype``: by default float32 for a
+float16/bfloat16 model (the weights are cast per block for each call, never stored twice) and
+the model's dtype otherwise.  Why: one neuron's effect on the loss is usually far below
+bfloat16's resolution of the residual stream and logits (ε = 2^-7 relative), so half-precision
+re-runs rank neurons by rounding noise - measured on the embedded model, Spearman with the
+float32 model's scores 0.71 in bfloat16 against 0.9996 with float32 re-runs (and on CPU the
+float32 re-runs were also 4.6x faster).  The baseline loss of each layer is computed by the
+same re-run of its clean stream, so each score is a difference of two losses computed alike.
+The papers' loop (full half-precision forwards, :func:`memloc.localize.reference.reference_zero_out`)
+has the same problem and no such remedy; the full-forward fallback here runs in the model's dtype.
+The memorization losses (Eq. 6) and their differences (Eq. 7) are computed in float32 (float64
+for a float64 model); the returned scores are float32.
+"""
 
 from __future__ import annotations
 
@@ -45,19 +60,7 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     (:func:`memloc.localize._common.check_tolerance`), so float16 and bfloat16 models keep the fast
     path.  The chosen path is logged at INFO with ``extra={"memloc_path": "fast" | "full_forward"}``.
 
-    Precision: the clean forward runs in the model's dtype.  The re-run blocks ``l+1..L-1``, final
-    norm and unembedding of the fast path run in ``compute_dtype``: by default float32 for a
-    float16/bfloat16 model (the weights are cast per block for each call, never stored twice) and
-    the model's dtype otherwise.  Why: one neuron's effect on the loss is usually far below
-    bfloat16's resolution of the residual stream and logits (ε = 2^-7 relative), so half-precision
-    re-runs rank neurons by rounding noise - measured on the embedded model, Spearman with the
-    float32 model's scores 0.71 in bfloat16 against 0.9996 with float32 re-runs (and on CPU the
-    float32 re-runs were also 4.6x faster).  The baseline loss of each layer is computed by the
-    same re-run of its clean stream, so each score is a difference of two losses computed alike.
-    The papers' loop (full half-precision forwards, :func:`memloc.localize.reference.reference_zero_out`)
-    has the same problem and no such remedy; the full-forward fallback here runs in the model's dtype.
-    The memorization losses (Eq. 6) and their differences (Eq. 7) are computed in float32 (float64
-    for a float64 model); the returned scores are float32.
+    Precision (re-runs in float32 for half-precision models): see the module docstring.
 
     Args:
         model: TransformerBridge (borrowed: left unchanged).
@@ -78,24 +81,9 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
     check_positive_int(batch_size, "batch_size")
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     layers = check_layers(model, layers)
-    if neurons is None:
-        neuron_idx = torch.arange(d_mlp)
-    else:
-        try:
-            neuron_idx = torch.as_tensor(neurons).long().flatten()
-        except Exception as exc:
-            raise ValueError(f"neurons must be a sequence of neuron indices, got {neurons!r}") from exc
-        if len(neuron_idx) == 0 or neuron_idx.min() < 0 or neuron_idx.max() >= d_mlp:
-            raise ValueError(f"neurons must be a non-empty set of indices in 0..{d_mlp - 1}")
+    neuron_idx = _neuron_indices(neurons, d_mlp).to(tokens.device)
     model_dtype = next(model.parameters()).dtype
-    if compute_dtype is None:
-        compute_dtype = torch.float32 if torch.finfo(model_dtype).bits < 32 else model_dtype
-    else:
-        if isinstance(compute_dtype, str):  # "float32" from a JSON --method-kwargs
-            compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."), compute_dtype)
-        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-            raise ValueError(f"compute_dtype must be a floating torch dtype (or its name, e.g. 'float32') or None, "
-                             f"got {compute_dtype!r}")
+    compute_dtype = _compute_dtype(compute_dtype, model_dtype)
     with borrowed(model), torch.no_grad():
         names = [n for l in range(n_layers) for n in
                  (neuron_hook_name(l), hook_name("resid_post", l), hook_name("mlp_out", l))]
@@ -104,21 +92,8 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
         target = tokens[:, prefix_len:]
         base = memorization_loss(logits[:, pos], target)[0]
         scores = torch.full((n_layers, d_mlp), float("nan"), device=tokens.device)
-        tol = check_tolerance(acts[neuron_hook_name(0)].dtype)
-        nonlinear = [l for l in layers if not mlp_out_is_linear(model, acts, l, atol=tol)]
-        fast = not nonlinear
-        if fast:
-            logger.info("zero_out: fast path (MLP output linear in hook_post within %.3g)", tol,
-                        extra={"memloc_path": "fast"})
-        else:
-            blocks_fast = sum(max(n_layers - 1 - l, 1) for l in layers)
-            logger.warning("zero_out: MLP output is not linear in hook_post in these coordinates (layers %s, "
-                           "relative tolerance %.3g for %s); using the full-forward path: %d instead of %d "
-                           "block evaluations per neuron batch summed over the layers (about %.1fx slower)",
-                           nonlinear, tol, acts[neuron_hook_name(0)].dtype, len(layers) * n_layers, blocks_fast,
-                           len(layers) * n_layers / blocks_fast, extra={"memloc_path": "full_forward"})
+        fast = _fast_path_applies(model, acts, layers)
         W = w_out(model)
-        neuron_idx = neuron_idx.to(tokens.device)
         recompute = fast and compute_dtype != model_dtype
         if recompute:
             logger.info("zero_out: re-running the blocks after the ablated layer in %s (model in %s)",
@@ -143,6 +118,52 @@ def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pref
                 out = _masked_forward(model, tokens, l, idx)[:, pos]
             scores[l, idx] = (memorization_loss(out, target) - layer_base.get(l, base)).to(scores.dtype)
         return scores
+
+
+def _neuron_indices(neurons: Any, d_mlp: int) -> Tensor:
+    """``neurons`` as int64 indices (all ``d_mlp`` when None); ValueError when not indices in range."""
+    if neurons is None:
+        return torch.arange(d_mlp)
+    try:
+        idx = torch.as_tensor(neurons).long().flatten()
+    except Exception as exc:
+        raise ValueError(f"neurons must be a sequence of neuron indices, got {neurons!r}") from exc
+    if len(idx) == 0 or idx.min() < 0 or idx.max() >= d_mlp:
+        raise ValueError(f"neurons must be a non-empty set of indices in 0..{d_mlp - 1}")
+    return idx
+
+
+def _compute_dtype(compute_dtype: Any, model_dtype: torch.dtype) -> torch.dtype:
+    """The re-run dtype: float32 for 16-bit models and the model's dtype otherwise (None), or the
+    floating dtype asked for (a torch dtype or its name, e.g. ``"float32"`` from JSON)."""
+    if compute_dtype is None:
+        return torch.float32 if torch.finfo(model_dtype).bits < 32 else model_dtype
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."), compute_dtype)
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise ValueError(f"compute_dtype must be a floating torch dtype (or its name, e.g. 'float32') or None, "
+                         f"got {compute_dtype!r}")
+    return compute_dtype
+
+
+def _fast_path_applies(model: Any, acts: dict[str, Tensor], layers: list[int]) -> bool:
+    """Whether every scored layer's MLP output is linear in ``hook_post`` (the fast path's premise),
+    logged as the chosen path (INFO), or as a WARNING with the cost of the full-forward path."""
+    n_layers = int(model.cfg.n_layers)
+    dtype = acts[neuron_hook_name(0)].dtype
+    tol = check_tolerance(dtype)
+    nonlinear = [l for l in layers if not mlp_out_is_linear(model, acts, l, atol=tol)]
+    if not nonlinear:
+        logger.info("zero_out: fast path (MLP output linear in hook_post within %.3g)", tol,
+                    extra={"memloc_path": "fast"})
+        return True
+    blocks_fast = sum(max(n_layers - 1 - l, 1) for l in layers)
+    logger.warning("zero_out: MLP output is not linear in hook_post in these coordinates (layers %s, "
+                   "relative tolerance %.3g for %s); using the full-forward path: %d instead of %d "
+                   "block evaluations per neuron batch summed over the layers (about %.1fx slower)",
+                   nonlinear, tol, dtype, len(layers) * n_layers, blocks_fast,
+                   len(layers) * n_layers / blocks_fast, extra={"memloc_path": "full_forward"})
+    return False
 
 
 def _masked_forward(model: Any, tokens: Tensor, layer: int, idx: Tensor) -> Tensor:

@@ -81,9 +81,9 @@ class Settings:
         return kw
 
 
-#: The default run: on the embedded model about 13-22 minutes on 2 CPU cores (measured: 12 min 34 s on an idle
-#: machine via `make demo`; 21 min 45 s wall clock on a machine shared with other jobs); INJ and DEL take about
-#: half of it.
+#: The default run: on the embedded model about 12-22 minutes on 2 CPU cores (measured: 12 min 34 s and 14 min 23 s
+#: on an idle machine; 21 min 45 s wall clock on a machine shared with other jobs); INJ, DEL and fine-tuning take
+#: three quarters of it.
 DEFAULT = Settings()
 #: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
 QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4, finetune_steps=3,
