@@ -45,11 +45,29 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "first_token_attention", "first_token_attention_frame", "unigram_counts_from_tokens", "frequency_ranks",
     "attention_by_rank", "rare_token_attention", "rare_token_correlation", "find_memorization_heads",
-    "attention_hook_name", "TIES", "CORRELATIONS",
+    "attention_hook_name", "TIES", "CORRELATIONS", "query_head_rows",
 ]
 
 #: Evidence kinds of :func:`find_memorization_heads`.
 EVIDENCE = ("contrastive", "activation", "rare")
+
+
+def query_head_rows(df: pd.DataFrame, model: Any) -> pd.DataFrame:
+    """Rows of per-head evidence indexed by *query* head.
+
+    With grouped-query attention (Llama, SmolLM2: ``n_key_value_heads < n_heads``) the value
+    vectors, their activation gradients (Stoehr Eq. 5) and the ``W_V`` gradients exist once per
+    key/value head, shared by ``n_heads / n_key_value_heads`` query heads.  A frame whose ``head``
+    column counts key/value heads is expanded so that query head h carries the row of its group
+    ``h // (n_heads / n_key_value_heads)``; other frames are returned unchanged."""
+    n_heads = int(model.cfg.n_heads)
+    n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+    if n_kv >= n_heads or df.empty or int(df["head"].max()) >= n_kv:
+        return df
+    rep = n_heads // n_kv
+    out = df.loc[df.index.repeat(rep)].copy()
+    out["head"] = out["head"].to_numpy() * rep + np.tile(np.arange(rep), len(df))
+    return out.reset_index(drop=True)
 
 
 def _per_head(df: pd.DataFrame, what: str, n_layers: int, n_heads: int) -> pd.Series:
@@ -236,7 +254,7 @@ def _contrastive_column(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, co
         model, mp, nmp, prefix_len, dict(contrastive_kwargs or {}), progress_bar)
     if "component" in c.columns:
         c = c[c["component"] == "W_V"]
-    return _per_head(c, "contrastive", int(model.cfg.n_layers), int(model.cfg.n_heads))
+    return _per_head(query_head_rows(c, model), "contrastive", int(model.cfg.n_layers), int(model.cfg.n_heads))
 
 
 def _add_activation_columns(out: pd.DataFrame, model: Any, mp: Tensor, nmp: Tensor, prefix_len: int,
@@ -249,8 +267,8 @@ def _add_activation_columns(out: pd.DataFrame, model: Any, mp: Tensor, nmp: Tens
             else _value_gradient_per_head(activation_memorized, prefix_len))
     a_nmp = (_activation_evidence(model, nmp, prefix_len, akw, progress_bar) if activation_non_memorized is None
              else _value_gradient_per_head(activation_non_memorized, prefix_len))
-    out["value_grad_mp"] = _per_head(a_mp, "activation_memorized", n_layers, n_heads)
-    out["value_grad_nmp"] = _per_head(a_nmp, "activation_non_memorized", n_layers, n_heads)
+    out["value_grad_mp"] = _per_head(query_head_rows(a_mp, model), "activation_memorized", n_layers, n_heads)
+    out["value_grad_nmp"] = _per_head(query_head_rows(a_nmp, model), "activation_non_memorized", n_layers, n_heads)
     out["activation_ratio"] = out["value_grad_mp"] / out["value_grad_nmp"].where(out["value_grad_nmp"] > 0)
 
 

@@ -306,6 +306,34 @@ def test_find_memorization_heads_computes_gradient_evidence(small, unchanged):
     assert out[["rank_contrastive", "rank_activation", "rank_rare"]].notna().all().all()
 
 
+def test_grouped_query_attention_evidence_per_query_head(random_model_dir, unchanged):
+    """Llama-style GQA (2 key/value heads for more query heads): the value-activation and W_V
+    evidence exist per key/value head; every query head carries its group's value (no NaN ranks,
+    which crashed `memloc reproduce --quick` on SmolLM2 in the head stage)."""
+    from memloc.gradients import activation_gradients
+
+    model = load_model(random_model_dir("llama"))
+    n_heads, n_kv = int(model.cfg.n_heads), int(model.cfg.n_key_value_heads)
+    assert n_kv < n_heads
+    rep = n_heads // n_kv
+    mp, freq, _ = _planted_setup(model, 2, 4)
+    nmp, _, _ = _planted_setup(model, 3, 5)
+    with unchanged(model):
+        out = H.find_memorization_heads(model, mp, nmp, PREFIX, frequencies=freq, progress_bar=False)
+    assert out[["value_grad_mp", "value_grad_nmp", "rank_activation", "rank_contrastive"]].notna().all().all()
+    out = out.set_index(["layer", "head"])
+    df = activation_gradients(model, mp, PREFIX, components=["v"], progress_bar=False)
+    assert int(df["head"].max()) == n_kv - 1  # the gradients exist per key/value head
+    for l in range(model.cfg.n_layers):
+        for h in range(n_heads):
+            g = h // rep
+            peaks = [df[(df.paragraph == i) & (df.layer == l) & (df["head"] == g) & (df.position < PREFIX)]
+                     ["value"].max() for i in range(len(mp))]
+            assert out.loc[(l, h), "value_grad_mp"] == pytest.approx(float(np.mean(peaks)), rel=1e-5)
+    expanded = H.query_head_rows(df, model)
+    assert sorted(expanded["head"].unique()) == list(range(n_heads)) and len(expanded) == rep * len(df)
+
+
 # --------------------------------------------------------------------------- bad input, borrowed model
 
 def test_bad_inputs_raise_before_work(small, small_tokens, monkeypatch):

@@ -55,7 +55,7 @@ def skip(ctx: RunContext, inputs: Inputs) -> str | None:
 
 def compute(ctx: RunContext, inputs: Inputs) -> HeadResult:
     from ...gradients import activation_gradients
-    from ...heads import find_memorization_heads, first_token_attention
+    from ...heads import find_memorization_heads, first_token_attention, query_head_rows
 
     mem, s = inputs["memorization"], ctx.settings
     a, b, stand_in = _groups(mem)
@@ -69,7 +69,7 @@ def compute(ctx: RunContext, inputs: Inputs) -> HeadResult:
                                     activation_non_memorized=a_nmp, batch_size=s.batch_size,
                                     progress_bar=ctx.progress_bar)
     layer = int(heads.iloc[0].layer)
-    grads = a_mp[(a_mp.paragraph == 0) & (a_mp.layer == layer) & (a_mp.position < p)]
+    grads = query_head_rows(a_mp[(a_mp.paragraph == 0) & (a_mp.layer == layer) & (a_mp.position < p)], ctx.model)
     att = first_token_attention(ctx.model, a[:1], p, layers=layer, progress_bar=False)[0]
     gmat = grads.pivot_table(index="head", columns="position", values="value").to_numpy()
     return HeadResult(heads, evidence, stand_in, gmat, np.asarray(att), a[0, :p].cpu())
