@@ -167,7 +167,11 @@ def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs
         return tasks
 
     tasks = []
-    for name, t in pairs:
+    # longest first: the papers' method order puts mask training and exact ZERO-OUT before IG,
+    # ACTIVATIONS and RANDOM, so the last tasks of a sweep on several workers are short ones
+    # (the table's row order does not depend on it)
+    rank = {m: i for i, m in enumerate(PAPER_ORDER)}
+    for name, t in sorted(pairs, key=lambda p: rank.get(p[0], len(PAPER_ORDER))):
         scores = cached_scores(model, name, x[t], setting.prefix_len, pair_kwargs[(name, t)], cache_dir, fingerprint)
         if scores is None:
             tasks.append(Task(_scores_task, (name, fns[name], x[t], setting.prefix_len, pair_kwargs[(name, t)]),
