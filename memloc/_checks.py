@@ -138,3 +138,23 @@ def check_number(value: Any, name: str, lo: float, hi: float = math.inf, *, lo_o
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
         raise ValueError(f"{name} must be a finite number in {rng}{what}, got {value!r}")
     return float(value)
+
+
+def check_frequencies(frequencies: Any, d_vocab: int) -> Tensor:
+    """Corpus unigram counts (Stoehr §6.3) as a float64 CPU tensor of length ``d_vocab``; ValueError otherwise."""
+    if frequencies is None:
+        raise ValueError("frequencies must be a 1-D table of corpus unigram counts, got None")
+    if not isinstance(frequencies, Tensor):
+        try:
+            frequencies = torch.as_tensor(np.array(frequencies))
+        except Exception as exc:
+            raise ValueError(f"frequencies must be a 1-D numeric table of length {d_vocab}: {exc}") from exc
+    if frequencies.dtype == torch.bool or frequencies.dtype.is_complex:
+        raise ValueError(f"frequencies must be numeric counts, got dtype {frequencies.dtype}")
+    if frequencies.ndim != 1 or frequencies.shape[0] != d_vocab:
+        raise ValueError(f"frequencies must be a 1-D table with one count per vocabulary entry "
+                         f"(length {d_vocab}), got shape {tuple(frequencies.shape)}")
+    freq = frequencies.detach().double().cpu()
+    if not torch.isfinite(freq).all() or bool((freq < 0).any()):
+        raise ValueError("frequencies must be finite and non-negative")
+    return freq

@@ -33,11 +33,11 @@ import torch
 from jaxtyping import Int, Real
 from torch import Tensor
 
-from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
+from ._checks import check_choice, check_fraction, check_frequencies, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
 from .attention import _pattern_rows, attention_hook_name, first_token_attention, first_token_attention_frame
 from .borrow import borrowed
-from .rare_tokens import (CORRELATIONS, TIES, _check_frequencies, _rank_frame, attention_by_rank, frequency_ranks,
+from .rare_tokens import (CORRELATIONS, TIES, _rank_frame, attention_by_rank, frequency_ranks,
                           rare_token_attention, rare_token_correlation, unigram_counts_from_tokens)
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def _check_inputs(model: Any, memorized: Any, non_memorized: Any, prefix_len: An
     check_choice(method, "method", CORRELATIONS)
     check_positive_int(batch_size, "batch_size")
     check_fraction(rare_fraction, "rare_fraction")
-    freq = None if frequencies is None else _check_frequencies(frequencies, int(model.cfg.d_vocab))
+    freq = None if frequencies is None else check_frequencies(frequencies, int(model.cfg.d_vocab))
     return mp, nmp, list(evidence), freq
 
 

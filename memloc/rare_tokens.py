@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int, Real
 from torch import Tensor
 
-from ._checks import check_choice, check_layers, check_positive_int
+from ._checks import check_choice, check_frequencies, check_layers, check_positive_int
 from ._deprecation import renamed_kwargs
 from .attention import _pattern_rows, _prefix_len_for_attention
 from .borrow import borrowed
@@ -59,25 +59,6 @@ def unigram_counts_from_tokens(tokens: Int[Tensor, "..."] | Int[np.ndarray, "...
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
         raise ValueError(f"tokens holds ids outside [0, {vocab}): min {int(flat.min())}, max {int(flat.max())}")
     return torch.bincount(flat, minlength=int(vocab))
-
-
-def _check_frequencies(frequencies: Any, d_vocab: int) -> Float[Tensor, "vocab"]:
-    if frequencies is None:
-        raise ValueError("frequencies must be a 1-D table of corpus unigram counts, got None")
-    if not isinstance(frequencies, Tensor):
-        try:
-            frequencies = torch.as_tensor(np.array(frequencies))
-        except Exception as exc:
-            raise ValueError(f"frequencies must be a 1-D numeric table of length {d_vocab}: {exc}") from exc
-    if frequencies.dtype == torch.bool or frequencies.dtype.is_complex:
-        raise ValueError(f"frequencies must be numeric counts, got dtype {frequencies.dtype}")
-    if frequencies.ndim != 1 or frequencies.shape[0] != d_vocab:
-        raise ValueError(f"frequencies must be a 1-D table with one count per vocabulary entry "
-                         f"(length {d_vocab}), got shape {tuple(frequencies.shape)}")
-    freq = frequencies.detach().double().cpu()
-    if not torch.isfinite(freq).all() or bool((freq < 0).any()):
-        raise ValueError("frequencies must be finite and non-negative")
-    return freq
 
 
 def frequency_ranks(prefix: Int[Tensor, "n prefix"], frequencies: Real[Tensor, "vocab"], *,
@@ -187,7 +168,7 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
     """
     tokens = _prefix_len_for_attention(model, tokens, prefix_len)
     layers = check_layers(model, layers, "layers")
-    freq = _check_frequencies(frequencies, int(model.cfg.d_vocab))
+    freq = check_frequencies(frequencies, int(model.cfg.d_vocab))
     check_choice(ties, "ties", TIES)
     check_positive_int(batch_size, "batch_size")
     if attention is not None:
