@@ -25,7 +25,7 @@ from ._checks import check_layers, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
-from .models import hook_name, layer_hooks
+from .models import Model, hook_name, layer_hooks
 
 __all__ = ["attention_hook_name", "first_token_attention", "first_token_attention_frame"]
 
@@ -40,13 +40,13 @@ def _batches(n: int, batch_size: int):
         yield slice(i, min(n, i + batch_size))
 
 
-def _prefix_len_for_attention(model: Any, tokens: Any, prefix_len: Any) -> Tensor:
+def _prefix_len_for_attention(model: Model, tokens: Any, prefix_len: Any) -> Tensor:
     """Validate tokens/prefix_len; the first decoded token must exist (prefix_len < seq)."""
     return check_tokens(model, tokens, prefix_len)
 
 
 @torch.no_grad()
-def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int], batch_size: int,
+def _pattern_rows(model: Model, tokens: Tensor, prefix_len: int, layers: list[int], batch_size: int,
                   progress_bar: bool) -> Float[Tensor, "n layer head prefix"]:
     """Attention rows of query ``prefix_len - 1`` onto keys ``0..prefix_len-1`` (no validation).
 
@@ -73,7 +73,7 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
     return torch.cat(out)
 
 
-def _checked_rows(model: Any, tokens: Any, prefix_len: Any, layers: Any, batch_size: Any,
+def _checked_rows(model: Model, tokens: Any, prefix_len: Any, layers: Any, batch_size: Any,
                   progress_bar: bool) -> tuple[Tensor, list[int], Float[Tensor, "n layer head prefix"]]:
     """Validate (before any forward pass), then the attention rows of :func:`_pattern_rows` on the
     borrowed model; returns the checked tokens, the chosen layers and the rows."""
@@ -85,7 +85,7 @@ def _checked_rows(model: Any, tokens: Any, prefix_len: Any, layers: Any, batch_s
 
 
 @renamed_kwargs(layer="layers")
-def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def first_token_attention(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                           layers: int | Sequence[int] | None = None, batch_size: int = 32,
                           progress_bar: bool = True
                           ) -> Float[Tensor, "n layer head prefix"] | Float[Tensor, "n head prefix"]:
@@ -119,7 +119,7 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
 
 
 @renamed_kwargs(layer="layers")
-def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def first_token_attention_frame(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                                 layers: int | Sequence[int] | None = None, batch_size: int = 32,
                                 decode: bool = True, progress_bar: bool = True) -> pd.DataFrame:
     """Tidy version of :func:`first_token_attention` (Stoehr et al. §6.2, Fig. 6 bottom).

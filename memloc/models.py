@@ -65,7 +65,7 @@ TINY_NAMES = (None, "tiny")
 _LOAD_ARGS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def load_args(model: Any) -> dict | None:
+def load_args(model: Model) -> dict | None:
     """The keyword arguments of the :func:`load_model` call that returned ``model`` (``name_or_path``,
     ``device``, ``dtype``, ``process_weights``), or None for a model built another way."""
     return _LOAD_ARGS.get(model)

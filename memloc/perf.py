@@ -64,7 +64,7 @@ from . import localize as loc
 from .borrow import borrowed
 from .localize._common import memorization_loss, suffix_positions
 from .localize.reference import reference_integrated_gradients, reference_zero_out
-from .models import load_model
+from .models import Model, load_model
 
 __all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m"]
 
@@ -128,7 +128,7 @@ def _load(name: str, device: str | None, dtype: torch.dtype, workdir: Path) -> t
     raise ValueError(f"models must be among {MODELS}, got {name!r}")
 
 
-def _plain_fwd_bwd(model: Any, tokens: torch.Tensor, prefix_len: int, repeats: int) -> float:
+def _plain_fwd_bwd(model: Model, tokens: torch.Tensor, prefix_len: int, repeats: int) -> float:
     """Median seconds of one forward + backward of the memorization loss w.r.t. the parameters."""
     times = []
     with borrowed(model):
@@ -162,7 +162,7 @@ class _Bench:
     rows and scores collected so far."""
 
     name: str
-    model: Any
+    model: Model
     tokens: torch.Tensor
     prefix_len: int
     quick: bool

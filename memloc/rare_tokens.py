@@ -19,7 +19,7 @@ every paragraph.  ``ties="dense"`` (consecutive ranks, 0..n_distinct-1) is avail
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ from ._checks import check_choice, check_frequencies, check_layers, check_positi
 from ._deprecation import renamed_kwargs
 from .attention import _pattern_rows, _prefix_len_for_attention
 from .borrow import borrowed
+from .models import Model
 
 __all__ = ["unigram_counts_from_tokens", "frequency_ranks", "attention_by_rank", "rare_token_attention",
            "rare_token_correlation", "TIES", "CORRELATIONS"]
@@ -136,7 +137,7 @@ def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor,
 
 
 @renamed_kwargs(layer="layers")
-def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
+def rare_token_attention(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int,
                          frequencies: Real[Tensor, "vocab"], *, layers: int | Sequence[int] | None = None,
                          ties: Literal["min", "dense"] = "min", batch_size: int = 32,
                          attention: Float[Tensor, "n layer head prefix"] | None = None,

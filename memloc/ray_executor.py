@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .models import Model
 from .tasks import OnDone, Task, _Executor, _kind
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ModelSpec:
                           process_weights=self.process_weights)
 
     @classmethod
-    def from_model(cls, model: Any) -> "ModelSpec":
+    def from_model(cls, model: Model) -> "ModelSpec":
         from .models import load_args
 
         args = load_args(model)
@@ -291,7 +292,7 @@ class RayExecutor(_Executor):
                              f"{self.num_gpus_per_worker} GPU")
         return n
 
-    def _start_actors(self, model: Any, n_tasks: int) -> None:
+    def _start_actors(self, model: Model, n_tasks: int) -> None:
         from .benchmarks._scores import model_fingerprint
 
         ray = self._ray
@@ -318,7 +319,7 @@ class RayExecutor(_Executor):
         self.actors = []
         self._busy = {}
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:
         if not tasks:
             return

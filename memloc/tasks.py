@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ._progress import progress
+from .models import Model
 
 __all__ = ["Task", "SweepStats", "SweepStopped", "SerialExecutor"]
 
@@ -79,7 +80,7 @@ class _Executor:
         self.stats = SweepStats()
         return self.stats
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -123,7 +124,7 @@ class SerialExecutor(_Executor):
 
     name = "serial"
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:
         queue = deque(tasks)
         with self._bar(tasks, desc, progress_bar) as update:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,10 +10,19 @@ from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..models import Model
+
 __all__ = ["perturbation_bars", "perturbation_by_position", "token_labels"]
 
 
-def token_labels(model_or_tokenizer: Any, ids: Sequence[int] | Int[Tensor, "n"]) -> list[str]:
+@runtime_checkable
+class _Tokenizer(Protocol):
+    """Anything that decodes token ids (a Hugging Face tokenizer)."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def token_labels(model_or_tokenizer: Model | _Tokenizer, ids: Sequence[int] | Int[Tensor, "n"]) -> list[str]:
     """Decoded token strings for axis labels (``model.to_str_tokens`` or a tokenizer's ``decode``)."""
     ids = [int(i) for i in ids]
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
