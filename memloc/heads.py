@@ -35,10 +35,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_frequencies, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
-from .attention import _pattern_rows, attention_hook_name, first_token_attention, first_token_attention_frame
+from .attention import attention_hook_name, first_token_attention, first_token_attention_frame, pattern_rows
 from .borrow import borrowed
 from .models import Model
-from .rare_tokens import (CORRELATIONS, TIES, _rank_frame, attention_by_rank, frequency_ranks,
+from .rare_tokens import (CORRELATIONS, TIES, attention_by_rank, frequency_ranks, rank_frame,
                           rare_token_attention, rare_token_correlation, unigram_counts_from_tokens)
 
 logger = logging.getLogger(__name__)
@@ -278,13 +278,13 @@ def _add_rare_columns(out: pd.DataFrame, model: Model, mp: Tensor, nmp: Tensor, 
     """Evidence (3): the rare-token correlation (Stoehr §6.3, Fig. 7) over MPs + NMPs and each set
     alone, and the attention mass on the rarest ``rare_fraction`` of ranks per set."""
     layers = list(range(int(model.cfg.n_layers)))
-    att_mp = _pattern_rows(model, mp, prefix_len, layers, batch_size, progress_bar)
-    att_nmp = _pattern_rows(model, nmp, prefix_len, layers, batch_size, progress_bar)
+    att_mp = pattern_rows(model, mp, prefix_len, layers, batch_size, progress_bar)
+    att_nmp = pattern_rows(model, nmp, prefix_len, layers, batch_size, progress_bar)
     r_mp = frequency_ranks(mp[:, :prefix_len].cpu(), freq, ties=ties)
     r_nmp = frequency_ranks(nmp[:, :prefix_len].cpu(), freq, ties=ties)
     for col, att, rk in (("rare_corr", torch.cat([att_mp, att_nmp]), torch.cat([r_mp, r_nmp])),
                          ("rare_corr_mp", att_mp, r_mp), ("rare_corr_nmp", att_nmp, r_nmp)):
-        corr = rare_token_correlation(_rank_frame(attention_by_rank(att, rk), rk, layers), method=method)
+        corr = rare_token_correlation(rank_frame(attention_by_rank(att, rk), rk, layers), method=method)
         out[col] = corr.set_index(["layer", "head"])["correlation"].reindex(out.index)
     cut = max(1, int(np.ceil(rare_fraction * prefix_len)))
     for col, att, rk in (("rare_mass_mp", att_mp, r_mp), ("rare_mass_nmp", att_nmp, r_nmp)):
