@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..models import Model
 
-__all__ = ["perturbation_bars", "perturbation_by_position", "token_labels"]
+__all__ = ["perturbation_bars", "perturbation_by_position", "token_labels", "unique_labels"]
 
 
 @runtime_checkable
@@ -33,8 +33,10 @@ def token_labels(model_or_tokenizer: Model | _Tokenizer, ids: Sequence[int] | In
     raise ValueError("model_or_tokenizer must be a model with a tokenizer or a tokenizer with decode()")
 
 
-def _unique_labels(labels: Sequence[str]) -> list[str]:
-    """Category axes merge equal labels: make each position's label unique with invisible padding."""
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """Axis labels for a category axis, one per position: plotly merges equal category labels, so
+    each label gets ``i`` invisible zero-width spaces (its position) appended; blank labels are
+    shown by their ``repr`` and newlines as ``\\n``."""
     out = []
     for i, s in enumerate(labels):
         s = s.replace("\n", "\\n") if s.strip() else repr(s)
@@ -69,7 +71,7 @@ def perturbation_bars(df: pd.DataFrame, token_labels: Sequence[str] | None = Non
     if token_labels is not None:
         if len(token_labels) <= max(pos):
             raise ValueError(f"token_labels has {len(token_labels)} entries; positions go up to {max(pos)}")
-        x = _unique_labels([token_labels[p] for p in pos])
+        x = unique_labels([token_labels[p] for p in pos])
     else:
         x = [str(p) for p in pos]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06,
