@@ -47,8 +47,8 @@ from .models import Model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerturbationResult", "PMPSet", "random_replacements", "perturbation_profile", "em_drop_by_position",
-           "make_pmps"]
+__all__ = ["PerturbationResult", "PMPSet", "random_replacements", "replacement_vocab_size", "perturbation_profile",
+           "em_drop_by_position", "make_pmps"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,10 @@ class PMPSet:
         return len(self.original)
 
 
-def _vocab_size(model: Model) -> int:
+def replacement_vocab_size(model: Model) -> int:
+    """How many token ids a perturbation draws replacements from (ids ``0..n-1``, the default
+    ``vocab_size`` of :func:`perturbation_profile`): ``model.cfg.d_vocab``, or the tokenizer's
+    length where that is smaller (padded embedding matrices have rows no token maps to)."""
     v = int(model.cfg.d_vocab)
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
@@ -231,9 +234,9 @@ def perturbation_profile(model: Model, tokens: Int[Tensor, "n seq"], prefix_len:
 
 
 def _check_vocab_size(model: Model, vocab_size: Any) -> int:
-    """``vocab_size`` of :func:`perturbation_profile`, validated; None: :func:`_vocab_size` of the model."""
+    """``vocab_size`` of :func:`perturbation_profile`, validated; None: :func:`replacement_vocab_size` of the model."""
     if vocab_size is None:
-        return _vocab_size(model)
+        return replacement_vocab_size(model)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= model.cfg.d_vocab:
         raise ValueError(f"vocab_size must be an int in 2..{model.cfg.d_vocab}, got {vocab_size!r}")
     return vocab_size

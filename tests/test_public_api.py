@@ -193,6 +193,7 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
         m, d.x, P, positions=[3], drop_unchanged=False, progress_bar=False),
     "memloc.perturb.perturbation_profile": lambda m, d: _c("memloc.perturb.perturbation_profile")(
         m, d.x, P, positions=[2, 3], progress_bar=False),
+    "memloc.perturb.replacement_vocab_size": lambda m, d: _c("memloc.perturb.replacement_vocab_size")(m),
     "memloc.cache.model_fingerprint": lambda m, d: _c("memloc.cache.model_fingerprint")(m),
     "memloc.data.bundled_profile": lambda m, d: _c("memloc.data.bundled_profile")(m),
     "memloc.data.default_paragraphs": lambda m, d: _c("memloc.data.default_paragraphs")(m),
