@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .models import Model
-from .tasks import OnDone, Task, _Executor, _kind
+from .tasks import Executor, OnDone, Task, task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _check_address(address: str, timeout: float) -> None:
                          f"({type(exc).__name__}: {exc}); is the head node running (`ray start --head`)?") from exc
 
 
-class RayExecutor(_Executor):
+class RayExecutor(Executor):
     """Run the tasks on Ray actors: a local Ray instance (``address=None``) or a running cluster.
 
     Args:
@@ -347,7 +347,7 @@ class RayExecutor(_Executor):
                     self._busy.pop(ref, None)
                     pid, result = ray.get(ref)  # a task's exception is re-raised here (as its own type)
                     idle.append(actor)
-                    self._after_task(_kind(task), pid)
+                    self._after_task(task_kind(task), pid)
                     new = list(on_done(task, result))
                     queue.extendleft(reversed(new))  # finish a target's evaluations first
                     update(1, len(new) - task.spawns)
