@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .models import Model
 
-def check_tokens(model: Any, tokens: Any, prefix_len: int | None = None, *, name: str = "tokens",
+
+def check_tokens(model: Model, tokens: Any, prefix_len: int | None = None, *, name: str = "tokens",
                  device: str | torch.device | None = None) -> Tensor:
     """Validate a [batch, seq] token tensor for ``model`` and return it as int64 on the model's device.
 
@@ -91,7 +93,7 @@ def check_seed(value: Any, name: str = "seed", *, non_negative: bool = False) ->
     return value
 
 
-def check_start_layer(model: Any, start_layer: Any) -> int:
+def check_start_layer(model: Model, start_layer: Any) -> int:
     """A layer index in ``0..n_layers-1`` (the first layer a method masks or scores)."""
     n = model.cfg.n_layers
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n:
@@ -99,7 +101,7 @@ def check_start_layer(model: Any, start_layer: Any) -> int:
     return start_layer
 
 
-def check_layers(model: Any, layers: Any, name: str = "layers") -> list[int]:
+def check_layers(model: Model, layers: Any, name: str = "layers") -> list[int]:
     """Layers to work on: ``None`` (all), one int, or a non-empty sequence of distinct ints in
     ``0..n_layers-1``; returned as a list of ints in the order given."""
     n_layers = int(model.cfg.n_layers)

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_positive_int, check_tokens
-from .models import layer_hooks, neuron_hook_name
+from .models import Model, layer_hooks, neuron_hook_name
 
 __all__ = ["select_top_k", "ablate", "mean_activations", "n_selected"]
 
@@ -84,7 +84,7 @@ def select_top_k(scores: Float[Tensor, "layer neuron"], ratio: float, *, per_lay
 
 
 @torch.no_grad()
-def mean_activations(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size: int = 32) -> Float[Tensor, "layer neuron"]:
+def mean_activations(model: Model, tokens: Int[Tensor, "batch seq"], *, batch_size: int = 32) -> Float[Tensor, "layer neuron"]:
     """Mean activation of every FFN neuron over all positions of a reference batch (for mean ablation)."""
     tokens = check_tokens(model, tokens)
     check_positive_int(batch_size, "batch_size")
@@ -103,7 +103,7 @@ def mean_activations(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size
     return (total / count).float()
 
 
-def _as_mask(model: Any, neurons: Any) -> Tensor:
+def _as_mask(model: Model, neurons: Any) -> Tensor:
     n_layers, d = model.cfg.n_layers, model.cfg.d_mlp
     if isinstance(neurons, dict):
         mask = torch.zeros(n_layers, d, dtype=torch.bool)
@@ -122,7 +122,7 @@ def _as_mask(model: Any, neurons: Any) -> Tensor:
 
 
 @contextmanager
-def ablate(model: Any, neurons: Bool[Tensor, "layer neuron"] | dict, mode: Literal["zero", "mean"] = "zero", *,
+def ablate(model: Model, neurons: Bool[Tensor, "layer neuron"] | dict, mode: Literal["zero", "mean"] = "zero", *,
            reference_tokens: Int[Tensor, "batch seq"] | None = None,
            means: Float[Tensor, "layer neuron"] | None = None) -> Iterator[Any]:
     """Drop out ``neurons`` while the context is open (Chang et al. §2 "Dropout").

@@ -25,9 +25,9 @@ from ._checks import check_layers, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
-from .models import hook_name, layer_hooks
+from .models import Model, hook_name, layer_hooks
 
-__all__ = ["attention_hook_name", "first_token_attention", "first_token_attention_frame"]
+__all__ = ["attention_hook_name", "first_token_attention", "first_token_attention_frame", "pattern_rows"]
 
 
 def attention_hook_name(layer: int) -> str:
@@ -40,18 +40,31 @@ def _batches(n: int, batch_size: int):
         yield slice(i, min(n, i + batch_size))
 
 
-def _prefix_len_for_attention(model: Any, tokens: Any, prefix_len: Any) -> Tensor:
-    """Validate tokens/prefix_len; the first decoded token must exist (prefix_len < seq)."""
-    return check_tokens(model, tokens, prefix_len)
-
-
 @torch.no_grad()
-def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int], batch_size: int,
-                  progress_bar: bool) -> Float[Tensor, "n layer head prefix"]:
-    """Attention rows of query ``prefix_len - 1`` onto keys ``0..prefix_len-1`` (no validation).
+def pattern_rows(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, layers: Sequence[int], batch_size: int,
+                 progress_bar: bool) -> Float[Tensor, "n layer head prefix"]:
+    """The attention rows of :func:`first_token_attention` without its validation and borrowing:
+    query ``prefix_len - 1`` onto keys ``0..prefix_len-1``, per paragraph, layer and head.
 
     The model is causal, so the row depends only on the prefix: only ``tokens[:, :prefix_len]`` is
-    run, and the forward stops after the last requested layer.
+    run, and the forward stops after the last requested layer.  The hooks are
+    ``run_with_hooks``'s temporary ones, so the model is left as it was found.
+
+    Args:
+        model: a TransformerBridge in compatibility mode.
+        tokens: Int[Tensor, "n seq"] paragraphs, already checked (int64 on the model's device,
+            ``1 <= prefix_len < seq``; :func:`memloc._checks.check_tokens`).
+        prefix_len: prefix length.
+        layers: the layers to read, each in ``0..n_layers-1`` (the result's ``layer`` axis, in this order).
+        batch_size: paragraphs per forward pass.
+        progress_bar: show a progress bar over batches.
+
+    Returns:
+        Float[Tensor, "n layer head prefix"], float32, CPU.
+
+    Raises:
+        RuntimeError: the model never ran ``hook_pattern`` of a requested layer (not a bridge in
+            compatibility mode).
     """
     out = []
     stop = max(layers) + 1
@@ -73,19 +86,19 @@ def _pattern_rows(model: Any, tokens: Tensor, prefix_len: int, layers: list[int]
     return torch.cat(out)
 
 
-def _checked_rows(model: Any, tokens: Any, prefix_len: Any, layers: Any, batch_size: Any,
+def _checked_rows(model: Model, tokens: Any, prefix_len: Any, layers: Any, batch_size: Any,
                   progress_bar: bool) -> tuple[Tensor, list[int], Float[Tensor, "n layer head prefix"]]:
-    """Validate (before any forward pass), then the attention rows of :func:`_pattern_rows` on the
+    """Validate (before any forward pass), then the attention rows of :func:`pattern_rows` on the
     borrowed model; returns the checked tokens, the chosen layers and the rows."""
-    tokens = _prefix_len_for_attention(model, tokens, prefix_len)
+    tokens = check_tokens(model, tokens, prefix_len)
     chosen = check_layers(model, layers, "layers")
     check_positive_int(batch_size, "batch_size")
     with borrowed(model):
-        return tokens, chosen, _pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
+        return tokens, chosen, pattern_rows(model, tokens, prefix_len, chosen, batch_size, progress_bar)
 
 
 @renamed_kwargs(layer="layers")
-def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def first_token_attention(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                           layers: int | Sequence[int] | None = None, batch_size: int = 32,
                           progress_bar: bool = True
                           ) -> Float[Tensor, "n layer head prefix"] | Float[Tensor, "n head prefix"]:
@@ -119,7 +132,7 @@ def first_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: 
 
 
 @renamed_kwargs(layer="layers")
-def first_token_attention_frame(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
+def first_token_attention_frame(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *,
                                 layers: int | Sequence[int] | None = None, batch_size: int = 32,
                                 decode: bool = True, progress_bar: bool = True) -> pd.DataFrame:
     """Tidy version of :func:`first_token_attention` (Stoehr et al. §6.2, Fig. 6 bottom).

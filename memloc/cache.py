@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .models import Model
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ContentCache", "model_fingerprint", "digest", "code_version", "tensor_bytes"]
@@ -47,7 +49,7 @@ def tensor_bytes(t: Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
 
 
-def model_fingerprint(model: Any) -> str:
+def model_fingerprint(model: Model) -> str:
     """Hash of every parameter's name, dtype, shape and bytes: two models share it iff their weights
     are identical (an injected or fine-tuned model gets its own)."""
     h = hashlib.blake2b(digest_size=16)

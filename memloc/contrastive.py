@@ -14,7 +14,7 @@ of the eligible weights and of the KL term are in :mod:`memloc.contrastive_objec
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -29,6 +29,7 @@ from .contrastive_objective import (OBJECTIVES, _check_objective_targets, _check
                                     contrastive_loss, eligible_parameters, reference_logits)
 from .finetune import MASKS, finetune_mask, sparse_finetune
 from .gradients import parameter_components
+from .models import Model
 
 __all__ = [
     "OBJECTIVES", "MASKS", "eligible_parameters", "continuation_logits", "reference_logits", "contrastive_loss",
@@ -42,7 +43,7 @@ POOLINGS = ("max", "sum", "mean")
 # gradient attribution (Fig. 4 bottom)
 # ----------------------------------------------------------------------------------------------
 
-def _pool_components(model: Any, grads: dict[str, Tensor], pooling: str) -> pd.DataFrame:
+def _pool_components(model: Model, grads: dict[str, Tensor], pooling: str) -> pd.DataFrame:
     """Pool per-weight |gradients| per layer × component × head (Stoehr Eq. 2 for ``"max"``), with the
     per-architecture parameter → (layer, component, head, block) mapping of
     :func:`memloc.gradients.parameter_components`."""
@@ -56,7 +57,7 @@ def _pool_components(model: Any, grads: dict[str, Tensor], pooling: str) -> pd.D
 
 
 @renamed_kwargs(nonmemorized="non_memorized")
-def contrastive_gradients(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
+def contrastive_gradients(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
                           prefix_len: int, *, objective: Literal["unlearn", "edit"] = "unlearn",
                           n_nmp_per_batch: int = 8, seed: int = 0, pooling: Literal["max", "sum", "mean"] = "max",
                           aggregate: Literal["gradient", "score"] = "gradient",

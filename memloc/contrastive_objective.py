@@ -39,6 +39,7 @@ from ._checks import check_choice, check_positive_int, check_prefix_len, check_t
 from ._deprecation import reordered_args
 from .gradients import parameter_components
 from .metrics import suffix_nll
+from .models import Model
 
 __all__ = ["OBJECTIVES", "eligible_parameters", "continuation_logits", "reference_logits", "contrastive_loss"]
 
@@ -49,7 +50,7 @@ OBJECTIVES = ("unlearn", "edit")
 # validation helpers
 # ----------------------------------------------------------------------------------------------
 
-def _check_sets(model: Any, memorized: Any, non_memorized: Any, prefix_len: Any, *, mp_name: str = "memorized",
+def _check_sets(model: Model, memorized: Any, non_memorized: Any, prefix_len: Any, *, mp_name: str = "memorized",
                 nmp_name: str = "non_memorized") -> tuple[Tensor, Tensor]:
     mp = check_tokens(model, memorized, None, name=mp_name)
     nmp = check_tokens(model, non_memorized, None, name=nmp_name)
@@ -58,7 +59,7 @@ def _check_sets(model: Any, memorized: Any, non_memorized: Any, prefix_len: Any,
     return mp, nmp
 
 
-def _edit_sequences(model: Any, memorized: Tensor, edit_targets: Any, prefix_len: int) -> Tensor:
+def _edit_sequences(model: Model, memorized: Tensor, edit_targets: Any, prefix_len: int) -> Tensor:
     """The paragraphs whose continuation NLL CO↔ lowers.
 
     ``edit_targets`` [n, T] (T = seq - prefix_len): new continuations attached to the MPs' own
@@ -79,7 +80,7 @@ def _edit_sequences(model: Any, memorized: Tensor, edit_targets: Any, prefix_len
                      f"got {tuple(tgt.shape)}")
 
 
-def _check_objective_targets(model: Any, objective: Any, mp: Tensor, edit_targets: Any, prefix_len: int) -> Tensor | None:
+def _check_objective_targets(model: Model, objective: Any, mp: Tensor, edit_targets: Any, prefix_len: int) -> Tensor | None:
     check_choice(objective, "objective", OBJECTIVES)
     if objective == "edit":
         return _edit_sequences(model, mp, edit_targets, prefix_len)
@@ -92,7 +93,7 @@ def _check_objective_targets(model: Any, objective: Any, mp: Tensor, edit_target
 # parameters
 # ----------------------------------------------------------------------------------------------
 
-def eligible_parameters(model: Any) -> list[str]:
+def eligible_parameters(model: Model) -> list[str]:
     """Names (``model.named_parameters()``) of the weights the contrastive objective trains and
     attributes: the parameters behind the W_Q/W_K/W_V/W_O/W_in/W_gate/W_out components of
     :func:`memloc.gradients.parameter_components` — no embeddings, unembedding, biases or
@@ -105,14 +106,14 @@ def eligible_parameters(model: Any) -> list[str]:
 # the objective
 # ----------------------------------------------------------------------------------------------
 
-def continuation_logits(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int) -> Float[Tensor, "batch T vocab"]:
+def continuation_logits(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int) -> Float[Tensor, "batch T vocab"]:
     """Logits that predict the continuation tokens ``tokens[:, prefix_len:]`` (positions
     ``prefix_len-1 .. seq-2``), with gradients if enabled; float32."""
     return model(tokens)[:, prefix_len - 1:-1].float()
 
 
 @torch.no_grad()
-def reference_logits(model: Any, non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
+def reference_logits(model: Model, non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
                      batch_size: int = 64) -> Float[Tensor, "N T vocab"]:
     """The θ₀ side of the KL term of Stoehr Eq. 3-4: the current model's continuation logits on
     the NMPs, detached.  Compute once before editing the weights and pass to
@@ -137,7 +138,7 @@ def _is_old_order(args: tuple) -> bool:
 
 
 @reordered_args(("model", "memorized", "prefix_len", "non_memorized"), is_old=_is_old_order)
-def contrastive_loss(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
+def contrastive_loss(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
                      prefix_len: int, *, objective: Literal["unlearn", "edit"] = "unlearn",
                      edit_targets: Int[Tensor, "n T_or_seq"] | None = None,
                      reference_logits: Float[Tensor, "N T vocab"] | None = None,
@@ -185,7 +186,7 @@ def contrastive_loss(model: Any, memorized: Int[Tensor, "n seq"], non_memorized:
 
 
 @torch.no_grad()
-def _reference(model: Any, nmp: Tensor, prefix_len: int) -> Tensor:
+def _reference(model: Model, nmp: Tensor, prefix_len: int) -> Tensor:
     return continuation_logits(model, nmp, prefix_len).detach()
 
 

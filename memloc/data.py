@@ -249,7 +249,7 @@ PROFILES = {
 }
 
 
-def bundled_profile(model: Any, *, required: str | None = None) -> BundledProfile | None:
+def bundled_profile(model: Model, *, required: str | None = None) -> BundledProfile | None:
     """The bundled profile whose token ids ``model`` reads, chosen by its vocabulary size
     (``model.cfg.d_vocab``): 4096 is the embedded model, 50257/50304 GPT-2's vocabulary (GPT-Neo
     125M).  None for any other vocabulary: no bundled paragraphs or tuned settings fit it.
@@ -290,7 +290,7 @@ def concat_paragraph_sets(names: Sequence[str]) -> ParagraphSet:
                         sets[0].tokenizer)
 
 
-def default_paragraphs(model: Any) -> tuple[ParagraphSet, int, str]:
+def default_paragraphs(model: Model) -> tuple[ParagraphSet, int, str]:
     """The bundled paragraphs for ``model`` (:func:`bundled_profile`).
 
     Returns ``(paragraphs, non_memorized_max_em, note)``: the embedded model's set (vocabulary
@@ -332,14 +332,14 @@ def select_groups(df: pd.DataFrame, n_mp: int, n_nmp: int) -> tuple[np.ndarray, 
     return mp[subset_evenly(len(mp), n_mp)], nmp[subset_evenly(len(nmp), n_nmp)]
 
 
-def can_retokenize(model: Any) -> bool:
+def can_retokenize(model: Model) -> bool:
     """Whether ``model`` has a tokenizer whose ids fit its vocabulary (so that bundled paragraph
     texts can be re-encoded for it with :func:`retokenized_paragraphs`)."""
     tok = getattr(model, "tokenizer", None)
     return tok is not None and len(tok) <= int(model.cfg.d_vocab)
 
 
-def retokenized_paragraphs(model: Any, name: str = "gpt-neo-125m", *, prefix_len: int = 50,
+def retokenized_paragraphs(model: Model, name: str = "gpt-neo-125m", *, prefix_len: int = 50,
                            seq_len: int = 100) -> ParagraphSet:
     """A bundled paragraph set re-encoded with ``model``'s own tokenizer, for models whose
     vocabulary no bundled token set matches (e.g. SmolLM2's 49,152 tokens).

@@ -33,10 +33,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .ray_executor import RAY_EXTRA, ModelSpec, RayExecutor, require_ray  # noqa: F401 (re-exported)
-from .tasks import OnDone, SerialExecutor, SweepStats, SweepStopped, Task, _Executor  # noqa: F401 (re-exported)
+from .tasks import Executor, OnDone, SerialExecutor, SweepStats, SweepStopped, Task  # noqa: F401 (re-exported)
 
-__all__ = ["ModelSpec", "Task", "SweepStats", "SweepStopped", "SerialExecutor", "RayExecutor", "resolve_executor",
-           "require_ray", "check_calls", "EXECUTORS"]
+__all__ = ["ModelSpec", "Task", "SweepStats", "SweepStopped", "Executor", "SerialExecutor", "RayExecutor",
+           "resolve_executor", "require_ray", "check_calls", "EXECUTORS"]
 
 #: Names accepted as ``executor=`` by the benchmark functions and ``memloc bench --executor``.
 EXECUTORS = ("serial", "ray")
@@ -60,11 +60,11 @@ def check_calls(fns: dict[str, Callable], kwargs: dict[str, dict]) -> None:
                              f"{getattr(fn, '__name__', fn)}({', '.join(params)}): {exc}") from exc
 
 
-def resolve_executor(executor: Any, *, ray_address: str | None = None) -> _Executor:
+def resolve_executor(executor: Any, *, ray_address: str | None = None) -> Executor:
     """``"serial"`` (or None) -> :class:`SerialExecutor`, ``"ray"`` -> :class:`RayExecutor` (``ray_address``
     joins a cluster); an executor instance passes through.  Runs the executor's cheap pre-flight
     checks (an unreachable cluster address fails here, in seconds, before any work)."""
-    if isinstance(executor, _Executor):
+    if isinstance(executor, Executor):
         if ray_address is not None:
             raise ValueError("ray_address only applies with executor='ray'; set address on the RayExecutor instead")
     elif executor is None or executor == "serial":

@@ -27,6 +27,7 @@ from .borrow import borrowed, trainable_only
 from .contrastive_objective import (_check_objective_targets, _check_sets, _co_from_logits, _reference,
                                     contrastive_loss, eligible_parameters, reference_logits)
 from .metrics import em_from_generations, greedy_continuation, teacher_forced
+from .models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _mask_from_scores(scores: dict[str, Tensor], mask: str, fraction: float, see
     return out
 
 
-def _co_gradients(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, objective: str,
+def _co_gradients(model: Model, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, objective: str,
                   edit_seq: Tensor | None, ref: Tensor) -> dict[str, Tensor]:
     params = dict(model.named_parameters())
     loss = contrastive_loss(model, mp, nmp, prefix_len, objective=objective,
@@ -77,9 +78,9 @@ def _check_finetune_args(model, memorized, non_memorized, prefix_len, objective,
 
 
 @renamed_kwargs(nonmemorized="non_memorized")
-def finetune_mask(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
-                  objective: Literal["unlearn", "edit"] = "unlearn", mask: Literal["top", "random", "all"] = "top",
-                  fraction: float = 0.001, seed: int = 0,
+def finetune_mask(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"],
+                  prefix_len: int, *, objective: Literal["unlearn", "edit"] = "unlearn",
+                  mask: Literal["top", "random", "all"] = "top", fraction: float = 0.001, seed: int = 0,
                   edit_targets: Int[Tensor, "n T_or_seq"] | None = None) -> dict[str, Bool[Tensor, "..."]]:
     """Which weights sparse fine-tuning may change (Stoehr §5.3), per eligible parameter name.
 
@@ -102,7 +103,7 @@ def finetune_mask(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: In
         return _mask_from_scores(grads, mask, fraction, seed)
 
 
-def _batched(fn: Any, model: Any, seqs: list[Tensor], prefix_len: int, batch_size: int) -> list[Tensor]:
+def _batched(fn: Any, model: Model, seqs: list[Tensor], prefix_len: int, batch_size: int) -> list[Tensor]:
     """Run ``fn(model, tokens, prefix_len)`` once on all ``seqs`` concatenated (when their lengths
     agree) and split the result back."""
     if len({s.shape[1] for s in seqs}) == 1:
@@ -128,7 +129,7 @@ def _tf_partial(fwd: Any, tokens: Tensor, prefix_len: int, batch_size: int) -> d
     return {"nll": torch.cat(nll), "em": em_from_generations(torch.cat(argmax), target)}
 
 
-def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor,
+def _evaluate(model: Model, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor,
               edit_seq: Tensor | None, batch_size: int, em_via: str = "teacher_forced",
               fwd: Any = None) -> list[dict]:
     """Per-paragraph EM and NLL at one step: MPs against their true continuation, NMPs against the
@@ -178,7 +179,7 @@ def _evaluate(model: Any, step: int, mp: Tensor, nmp: Tensor, prefix_len: int, n
 
 
 @renamed_kwargs(nonmemorized="non_memorized")
-def sparse_finetune(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"], prefix_len: int,
+def sparse_finetune(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "N seq"], prefix_len: int,
                     *, objective: Literal["unlearn", "edit"] = "unlearn", mask: Literal["top", "random", "all"] = "top",
                     fraction: float = 0.001, steps: int = 10, lr: float = 1e-3, seed: int = 0,
                     edit_targets: Int[Tensor, "n T_or_seq"] | None = None, n_nmp_per_batch: int | None = None,
@@ -307,7 +308,7 @@ def _sparse_finetune(model, mp, nmp, prefix_len, objective, mask, fraction, step
     return df, state
 
 
-def _masks_and_trainable(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, objective: str,
+def _masks_and_trainable(model: Model, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, objective: str,
                          edit_seq: Tensor | None, ref: Tensor, mask: str, fraction: float,
                          seed: int) -> tuple[dict[str, Tensor], list[str]]:
     """The fixed mask of :func:`sparse_finetune` (computed once at θ₀), and the parameters it leaves
@@ -327,7 +328,7 @@ def _masks_and_trainable(model: Any, names: list[str], mp: Tensor, nmp: Tensor, 
     return masks, trainable
 
 
-def _partial_forwards(model: Any, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, target: Tensor,
+def _partial_forwards(model: Model, names: list[str], mp: Tensor, nmp: Tensor, prefix_len: int, target: Tensor,
                       nmp_ref: Tensor, edit_seq: Tensor | None, em_via: str) -> tuple[Any, Any]:
     """Fast path: the embeddings are not trained, so the input of block 0 is fixed; the training
     loss and the evaluation re-run the blocks from it and unembed only the continuation positions
@@ -351,7 +352,7 @@ def _partial_forwards(model: Any, names: list[str], mp: Tensor, nmp: Tensor, pre
     return train_fwd, eval_fwd
 
 
-def _step0_rows(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor, edit_seq: Tensor | None,
+def _step0_rows(model: Model, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: Tensor, edit_seq: Tensor | None,
                 batch_size: int, em_via: str, eval_fwd: Any) -> tuple[list[dict], str, Any]:
     """The evaluation at θ₀, and the ``em_via`` / ``eval_fwd`` the later steps use."""
     rows = _evaluate(model, 0, mp, nmp, prefix_len, nmp_ref, edit_seq, batch_size, em_via, eval_fwd)
@@ -367,7 +368,7 @@ def _step0_rows(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, nmp_ref: T
     return rows, em_via, eval_fwd
 
 
-def _train_loss(model: Any, train_fwd: Any, mp: Tensor, nmp: Tensor, idx: Tensor, target: Tensor, ref: Tensor,
+def _train_loss(model: Model, train_fwd: Any, mp: Tensor, nmp: Tensor, idx: Tensor, target: Tensor, ref: Tensor,
                 prefix_len: int, objective: str, edit_seq: Tensor | None) -> Tensor:
     """CO↓ (Stoehr Eq. 3) or CO↔ (Stoehr Eq. 4) at the current weights on the NMPs ``idx``: from the
     partial forward if there is one, else :func:`contrastive_loss`."""

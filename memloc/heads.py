@@ -35,9 +35,10 @@ from torch import Tensor
 
 from ._checks import check_choice, check_fraction, check_frequencies, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
-from .attention import _pattern_rows, attention_hook_name, first_token_attention, first_token_attention_frame
+from .attention import attention_hook_name, first_token_attention, first_token_attention_frame, pattern_rows
 from .borrow import borrowed
-from .rare_tokens import (CORRELATIONS, TIES, _rank_frame, attention_by_rank, frequency_ranks,
+from .models import Model
+from .rare_tokens import (CORRELATIONS, TIES, attention_by_rank, frequency_ranks, rank_frame,
                           rare_token_attention, rare_token_correlation, unigram_counts_from_tokens)
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ __all__ = [
 EVIDENCE = ("contrastive", "activation", "rare")
 
 
-def query_head_rows(df: pd.DataFrame, model: Any) -> pd.DataFrame:
+def query_head_rows(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     """Rows of per-head evidence indexed by *query* head.
 
     With grouped-query attention (Llama, SmolLM2: ``n_key_value_heads < n_heads``) the value
@@ -82,7 +83,7 @@ def _per_head(df: pd.DataFrame, what: str, n_layers: int, n_heads: int) -> pd.Se
     return s.reindex(full)
 
 
-def _contrastive_evidence(model: Any, memorized: Tensor, non_memorized: Tensor, prefix_len: int,
+def _contrastive_evidence(model: Model, memorized: Tensor, non_memorized: Tensor, prefix_len: int,
                           kwargs: dict, progress_bar: bool) -> pd.DataFrame:
     from .contrastive import contrastive_gradients
 
@@ -92,7 +93,7 @@ def _contrastive_evidence(model: Any, memorized: Tensor, non_memorized: Tensor, 
     return df[df["component"] == "W_V"]
 
 
-def _activation_evidence(model: Any, tokens: Tensor, prefix_len: int, kwargs: dict,
+def _activation_evidence(model: Model, tokens: Tensor, prefix_len: int, kwargs: dict,
                          progress_bar: bool) -> pd.DataFrame:
     """Value-activation gradient per head: max over prefix positions of the Eq. 5 score."""
     from .gradients import activation_gradients
@@ -119,7 +120,7 @@ def _value_gradient_per_head(df: pd.DataFrame, prefix_len: int) -> pd.DataFrame:
 
 
 @renamed_kwargs(nonmemorized="non_memorized", activation_nonmemorized="activation_non_memorized")
-def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "m seq"],
+def find_memorization_heads(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: Int[Tensor, "m seq"],
                             prefix_len: int, *, frequencies: Real[Tensor, "vocab"] | None = None,
                             evidence: Sequence[str] = EVIDENCE, ties: Literal["min", "dense"] = "min",
                             method: Literal["pearson", "spearman"] = "pearson",
@@ -201,13 +202,13 @@ def find_memorization_heads(model: Any, memorized: Int[Tensor, "n seq"], non_mem
     return _combine_ranks(out, evidence)
 
 
-def _head_index(model: Any) -> pd.MultiIndex:
+def _head_index(model: Model) -> pd.MultiIndex:
     """Every (layer, head) of the model, the index of :func:`find_memorization_heads`' table."""
     return pd.MultiIndex.from_product([range(int(model.cfg.n_layers)), range(int(model.cfg.n_heads))],
                                       names=["layer", "head"])
 
 
-def _check_inputs(model: Any, memorized: Any, non_memorized: Any, prefix_len: Any, frequencies: Any, evidence: Any,
+def _check_inputs(model: Model, memorized: Any, non_memorized: Any, prefix_len: Any, frequencies: Any, evidence: Any,
                   ties: Any, method: Any, batch_size: Any, rare_fraction: Any
                   ) -> tuple[Tensor, Tensor, list[str], Tensor | None]:
     """Validate the inputs of :func:`find_memorization_heads` (before any work): the MP and NMP tokens,
@@ -225,7 +226,7 @@ def _check_inputs(model: Any, memorized: Any, non_memorized: Any, prefix_len: An
     return mp, nmp, list(evidence), freq
 
 
-def _check_precomputed(model: Any, prefix_len: int, contrastive: Any, activation_memorized: Any,
+def _check_precomputed(model: Model, prefix_len: int, contrastive: Any, activation_memorized: Any,
                        activation_non_memorized: Any, contrastive_kwargs: Any, activation_kwargs: Any) -> None:
     """Validate the extra arguments and the precomputed evidence tables (before any work)."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -240,14 +241,14 @@ def _check_precomputed(model: Any, prefix_len: int, contrastive: Any, activation
             _value_gradient_per_head(val, prefix_len)
 
 
-def _paragraph_counts(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int) -> Tensor:
+def _paragraph_counts(model: Model, mp: Tensor, nmp: Tensor, prefix_len: int) -> Tensor:
     """Unigram counts of the given prefixes, the stand-in for corpus frequencies (with a WARNING)."""
     logger.warning("find_memorization_heads: no corpus frequencies given; counting the given paragraphs")
     prefixes = torch.cat([mp[:, :prefix_len], nmp[:, :prefix_len]]).cpu()
     return unigram_counts_from_tokens(prefixes, int(model.cfg.d_vocab)).double()
 
 
-def _contrastive_column(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, contrastive: pd.DataFrame | None,
+def _contrastive_column(model: Model, mp: Tensor, nmp: Tensor, prefix_len: int, contrastive: pd.DataFrame | None,
                         contrastive_kwargs: dict | None, progress_bar: bool) -> pd.Series:
     """Evidence (1): the contrastive ``W_V`` gradient per head (Stoehr Eq. 3 with Eq. 2 max pooling)."""
     c = contrastive if contrastive is not None else _contrastive_evidence(
@@ -257,7 +258,7 @@ def _contrastive_column(model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, co
     return _per_head(query_head_rows(c, model), "contrastive", int(model.cfg.n_layers), int(model.cfg.n_heads))
 
 
-def _add_activation_columns(out: pd.DataFrame, model: Any, mp: Tensor, nmp: Tensor, prefix_len: int,
+def _add_activation_columns(out: pd.DataFrame, model: Model, mp: Tensor, nmp: Tensor, prefix_len: int,
                             activation_memorized: pd.DataFrame | None, activation_non_memorized: pd.DataFrame | None,
                             activation_kwargs: dict | None, progress_bar: bool) -> None:
     """Evidence (2): value-activation gradients (Stoehr Eq. 5) of the MPs relative to the NMPs'."""
@@ -272,18 +273,18 @@ def _add_activation_columns(out: pd.DataFrame, model: Any, mp: Tensor, nmp: Tens
     out["activation_ratio"] = out["value_grad_mp"] / out["value_grad_nmp"].where(out["value_grad_nmp"] > 0)
 
 
-def _add_rare_columns(out: pd.DataFrame, model: Any, mp: Tensor, nmp: Tensor, prefix_len: int, freq: Tensor,
+def _add_rare_columns(out: pd.DataFrame, model: Model, mp: Tensor, nmp: Tensor, prefix_len: int, freq: Tensor,
                       ties: str, method: str, rare_fraction: float, batch_size: int, progress_bar: bool) -> None:
     """Evidence (3): the rare-token correlation (Stoehr §6.3, Fig. 7) over MPs + NMPs and each set
     alone, and the attention mass on the rarest ``rare_fraction`` of ranks per set."""
     layers = list(range(int(model.cfg.n_layers)))
-    att_mp = _pattern_rows(model, mp, prefix_len, layers, batch_size, progress_bar)
-    att_nmp = _pattern_rows(model, nmp, prefix_len, layers, batch_size, progress_bar)
+    att_mp = pattern_rows(model, mp, prefix_len, layers, batch_size, progress_bar)
+    att_nmp = pattern_rows(model, nmp, prefix_len, layers, batch_size, progress_bar)
     r_mp = frequency_ranks(mp[:, :prefix_len].cpu(), freq, ties=ties)
     r_nmp = frequency_ranks(nmp[:, :prefix_len].cpu(), freq, ties=ties)
     for col, att, rk in (("rare_corr", torch.cat([att_mp, att_nmp]), torch.cat([r_mp, r_nmp])),
                          ("rare_corr_mp", att_mp, r_mp), ("rare_corr_nmp", att_nmp, r_nmp)):
-        corr = rare_token_correlation(_rank_frame(attention_by_rank(att, rk), rk, layers), method=method)
+        corr = rare_token_correlation(rank_frame(attention_by_rank(att, rk), rk, layers), method=method)
         out[col] = corr.set_index(["layer", "head"])["correlation"].reindex(out.index)
     cut = max(1, int(np.ceil(rare_fraction * prefix_len)))
     for col, att, rk in (("rare_mass_mp", att_mp, r_mp), ("rare_mass_nmp", att_nmp, r_nmp)):

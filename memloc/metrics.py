@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_positive_int, check_tokens
 from ._progress import progress
+from .models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def suffix_nll(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "#ba
 
 
 @torch.no_grad()
-def teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
+def teacher_forced(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
                    progress_bar: bool = False) -> dict[str, Tensor]:
     """One teacher-forced forward per batch; returns per-paragraph continuation statistics.
 
@@ -87,20 +88,20 @@ def teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int
             "argmax": argmax_t, "token_nll": token_nll_t, "em": em_from_generations(argmax_t, target)}
 
 
-def continuation_nll(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+def continuation_nll(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
                      batch_size: int = 64) -> Float[Tensor, "batch"]:
     """Mean NLL of the true continuation given the prefix (Chang et al. Eq. 6)."""
     return teacher_forced(model, tokens, prefix_len, batch_size=batch_size)["nll"]
 
 
-def teacher_forced_accuracy(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+def teacher_forced_accuracy(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
                             batch_size: int = 64) -> Float[Tensor, "batch"]:
     """Fraction of continuation tokens equal to the teacher-forced argmax (Chang et al. Eq. 4-5)."""
     return teacher_forced(model, tokens, prefix_len, batch_size=batch_size)["accuracy"]
 
 
 @torch.no_grad()
-def greedy_decode(model: Any, prefix: Int[Tensor, "batch prefix"], n_new: int, *, batch_size: int = 64,
+def greedy_decode(model: Model, prefix: Int[Tensor, "batch prefix"], n_new: int, *, batch_size: int = 64,
                   use_cache: bool = True, progress_bar: bool = False) -> Int[Tensor, "batch n_new"]:
     """Greedy (argmax) decoding of ``n_new`` tokens after each prefix, batched.
 
@@ -119,7 +120,7 @@ def greedy_decode(model: Any, prefix: Int[Tensor, "batch prefix"], n_new: int, *
     return torch.cat(out)
 
 
-def _greedy_batch(model: Any, prefix: Tensor, n_new: int, use_cache: bool) -> Tensor:
+def _greedy_batch(model: Model, prefix: Tensor, n_new: int, use_cache: bool) -> Tensor:
     if not use_cache:
         seq = prefix
         for _ in range(n_new):
@@ -143,7 +144,7 @@ def _greedy_batch(model: Any, prefix: Tensor, n_new: int, use_cache: bool) -> Te
     return torch.cat(new, dim=1)
 
 
-def greedy_continuation(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
+def greedy_continuation(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
                         use_cache: bool = True, progress_bar: bool = False) -> Int[Tensor, "batch T"]:
     """Greedy continuation of ``tokens[:, :prefix_len]`` with as many tokens as the true continuation."""
     tokens = check_tokens(model, tokens, prefix_len)
@@ -157,7 +158,7 @@ def em_from_generations(generated: Int[Tensor, "batch T"], target: Int[Tensor, "
     return match.cumprod(dim=1).sum(dim=1)
 
 
-def exact_match(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
+def exact_match(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, batch_size: int = 64,
                 use_cache: bool = True) -> Int[Tensor, "batch"]:
     """Exact match EM (Stoehr et al. §3.2): greedy tokens equal to the true continuation until the first mismatch."""
     tokens = check_tokens(model, tokens, prefix_len)
@@ -165,7 +166,7 @@ def exact_match(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *
     return em_from_generations(gen, tokens[:, prefix_len:])
 
 
-def exact_match_teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+def exact_match_teacher_forced(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
                                batch_size: int = 64) -> Int[Tensor, "batch"]:
     """Exact match EM (Stoehr et al. §3.2) from one teacher-forced forward instead of T greedy steps.
 
@@ -182,21 +183,21 @@ def exact_match_teacher_forced(model: Any, tokens: Int[Tensor, "batch seq"], pre
     return teacher_forced(model, tokens, prefix_len, batch_size=batch_size)["em"]
 
 
-def _decode(model: Any, ids: Tensor, tokenizer: Any = None) -> list[str]:
+def _decode(model: Model, ids: Tensor, tokenizer: Any = None) -> list[str]:
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("character Levenshtein distance needs a tokenizer: the model has none, pass tokenizer=")
     return [tok.decode(row.tolist()) for row in ids]
 
 
-def char_distances(model: Any, predicted: Int[Tensor, "batch T"], target: Int[Tensor, "batch T"],
+def char_distances(model: Model, predicted: Int[Tensor, "batch T"], target: Int[Tensor, "batch T"],
                    tokenizer: Any = None) -> Int[Tensor, "batch"]:
     """Character Levenshtein distance between decoded ``predicted`` and ``target`` rows (rapidfuzz)."""
     pred_s, true_s = _decode(model, predicted, tokenizer), _decode(model, target, tokenizer)
     return torch.tensor([Levenshtein.distance(a, b) for a, b in zip(pred_s, true_s)], dtype=torch.long)
 
 
-def levenshtein_distance(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+def levenshtein_distance(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
                          decoding: Literal["teacher_forced", "greedy"] = "teacher_forced",
                          batch_size: int = 64, tokenizer: Any = None) -> Int[Tensor, "batch"]:
     """Character Levenshtein distance of the decoded to the true continuation.
@@ -215,7 +216,7 @@ def levenshtein_distance(model: Any, tokens: Int[Tensor, "batch seq"], prefix_le
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size: int = 32) -> float:
+def perplexity(model: Model, tokens: Int[Tensor, "batch seq"], *, batch_size: int = 32) -> float:
     """Perplexity exp(mean next-token NLL) over all positions of all sequences (Chang et al. Rand-PPL)."""
     tokens = check_tokens(model, tokens)
     if tokens.shape[1] < 2:
@@ -230,7 +231,7 @@ def perplexity(model: Any, tokens: Int[Tensor, "batch seq"], *, batch_size: int 
     return math.exp(total / count)
 
 
-def memorization(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
+def memorization(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *,
                  counts: Sequence[int] | np.ndarray | Tensor | None = None, batch_size: int = 64, levenshtein: bool = True,
                  progress_bar: bool = True) -> pd.DataFrame:
     """Per-paragraph memorization metrics as a tidy DataFrame.
@@ -301,7 +302,7 @@ def ngram_jaccard(a: Sequence[int], b: Sequence[int], n: int = 5) -> float:
     return len(ga & gb) / len(ga | gb)
 
 
-def discover_memorized(model: Any, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, min_accuracy: float = 0.9,
+def discover_memorized(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int, *, min_accuracy: float = 0.9,
                        max_levenshtein: int = 20, min_distinct_suffix: int = 16, ngram: int = 5,
                        max_jaccard: float = 0.5, batch_size: int = 64, progress_bar: bool = True) -> pd.DataFrame:
     """Chang et al. §3.2 memorized-sequence discovery filters.

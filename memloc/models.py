@@ -62,10 +62,10 @@ TINY_NAMES = (None, "tiny")
 #: The arguments each model returned by :func:`load_model` was loaded with (weakly keyed, the
 #: model object itself is not touched); :func:`load_args` reads them back so that workers in
 #: other processes (the Ray executor, memloc.executors) can load the same model.
-_LOAD_ARGS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LOAD_ARGS: "weakref.WeakKeyDictionary[Model, dict]" = weakref.WeakKeyDictionary()
 
 
-def load_args(model: Any) -> dict | None:
+def load_args(model: Model) -> dict | None:
     """The keyword arguments of the :func:`load_model` call that returned ``model`` (``name_or_path``,
     ``device``, ``dtype``, ``process_weights``), or None for a model built another way."""
     return _LOAD_ARGS.get(model)
@@ -263,7 +263,7 @@ def _cache_alias_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
-def alias_kv_cache_kwarg(bridge: Any) -> int:
+def alias_kv_cache_kwarg(bridge: Model) -> int:
     """Make the bridge's attention components see the KV cache under its new name.
 
     Hugging Face transformers 5.x renamed the cache argument of migrated architectures (Llama,
@@ -285,7 +285,7 @@ def alias_kv_cache_kwarg(bridge: Any) -> int:
 
 
 @contextlib.contextmanager
-def kv_cache_kwarg_aliased(bridge: Any) -> Iterator[None]:
+def kv_cache_kwarg_aliased(bridge: Model) -> Iterator[None]:
     """:func:`alias_kv_cache_kwarg` for the duration of a block, for bridges not built by
     :func:`load_model` (which installs it for good): hooks installed here are removed on exit, also
     on exceptions, so a borrowed model is handed back unchanged.  A no-op when already installed."""

@@ -64,9 +64,9 @@ from . import localize as loc
 from .borrow import borrowed
 from .localize._common import memorization_loss, suffix_positions
 from .localize.reference import reference_integrated_gradients, reference_zero_out
-from .models import load_model
+from .models import Model, load_model
 
-__all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m"]
+__all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m", "timed"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def build_random_gpt_neo_125m(path: Path, seed: int = 0) -> Path:
 _CLOCK: list[Callable[[], float]] = [time.process_time]
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``: one call of ``fn`` timed with the perf clock (process CPU time on a CPU
+    under :func:`run_perf`, wall clock on a GPU, where CUDA is synchronized before and after)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = _CLOCK[0]()
@@ -128,7 +130,7 @@ def _load(name: str, device: str | None, dtype: torch.dtype, workdir: Path) -> t
     raise ValueError(f"models must be among {MODELS}, got {name!r}")
 
 
-def _plain_fwd_bwd(model: Any, tokens: torch.Tensor, prefix_len: int, repeats: int) -> float:
+def _plain_fwd_bwd(model: Model, tokens: torch.Tensor, prefix_len: int, repeats: int) -> float:
     """Median seconds of one forward + backward of the memorization loss w.r.t. the parameters."""
     times = []
     with borrowed(model):
@@ -137,7 +139,7 @@ def _plain_fwd_bwd(model: Any, tokens: torch.Tensor, prefix_len: int, repeats: i
         x = tokens.reshape(1, -1).to(next(model.parameters()).device)
         pos = suffix_positions(x.shape[1], prefix_len)
         for _ in range(repeats):
-            _, t = _timed(lambda: memorization_loss(model(x)[:, pos], x[:, prefix_len:])[0].backward())
+            _, t = timed(lambda: memorization_loss(model(x)[:, pos], x[:, prefix_len:])[0].backward())
             times.append(t)
             for p in model.parameters():
                 p.grad = None
@@ -162,7 +164,7 @@ class _Bench:
     rows and scores collected so far."""
 
     name: str
-    model: Any
+    model: Model
     tokens: torch.Tensor
     prefix_len: int
     quick: bool
@@ -217,8 +219,8 @@ def _bench_zero_out(b: _Bench) -> tuple[torch.Tensor, torch.Tensor, float, torch
     n_sub = (16 if b.quick else 32) if b.big else (128 if b.quick else d)
     gen = torch.Generator().manual_seed(0)
     sub = torch.randperm(d, generator=gen)[:n_sub].sort().values
-    fast, t_fast = _timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **_PB))
-    ref, t_ref = _timed(lambda: reference_zero_out(model, tokens.to(fast.device), prefix_len, neurons=sub,
+    fast, t_fast = timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **_PB))
+    ref, t_ref = timed(lambda: reference_zero_out(model, tokens.to(fast.device), prefix_len, neurons=sub,
                                                    batch_size=batch))
     scale = d / n_sub
     zo_sub = fast[:, sub].cpu()
@@ -234,7 +236,7 @@ def _bench_zero_out(b: _Bench) -> tuple[torch.Tensor, torch.Tensor, float, torch
 
 def _bench_attribution_patching(b: _Bench, sub: torch.Tensor, zo_sub: torch.Tensor, t_zero_out: float) -> None:
     """Attribution patching vs fast ZERO-OUT (all neurons): time, and Spearman on the scored neurons."""
-    ap, t_ap = _timed(lambda: loc.attribution_patching(b.model, b.tokens, b.prefix_len))
+    ap, t_ap = timed(lambda: loc.attribution_patching(b.model, b.tokens, b.prefix_len))
     rho_layers = [_spearman(ap[l, sub], zo_sub[l]) for l in range(b.model.cfg.n_layers)]
     b.row(method="attribution_patching", seconds=t_ap, reference_seconds=t_zero_out, speedup=t_zero_out / t_ap,
           max_abs_diff=float((ap[:, sub].cpu() - zo_sub).abs().max()), spearman=_spearman(ap[:, sub], zo_sub),
@@ -244,7 +246,7 @@ def _bench_attribution_patching(b: _Bench, sub: torch.Tensor, zo_sub: torch.Tens
 
 def _bench_activations(b: _Bench) -> None:
     """ACTIVATIONS: one forward, no reference loop (for the dtype comparison)."""
-    act, t_act = _timed(lambda: loc.activations(b.model, b.tokens, b.prefix_len))
+    act, t_act = timed(lambda: loc.activations(b.model, b.tokens, b.prefix_len))
     b.scores["activations"] = act.cpu()
     b.row(method="activations", seconds=t_act, reference_seconds=float("nan"), speedup=float("nan"),
           max_abs_diff=float("nan"), note="one forward; no reference loop")
@@ -279,7 +281,7 @@ def _timed_ig_with_path(b: _Bench, positions: list[int]) -> tuple[torch.Tensor, 
     ig_logger.addHandler(handler)
     ig_logger.setLevel(logging.INFO)
     try:
-        ig_fast, t_ig = _timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=positions,
+        ig_fast, t_ig = timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=positions,
                                                                 **_PB))
     finally:
         ig_logger.removeHandler(handler)
@@ -296,7 +298,7 @@ def _bench_integrated_gradients(b: _Bench, score_device: torch.device
     ig_fast, t_ig, paths = _timed_ig_with_path(b, fast_pos)
     b.scores["integrated_gradients"] = ig_fast.cpu()
     t_ig_total = t_ig * T / len(fast_pos)
-    ref_ig, t_rig = _timed(lambda: reference_integrated_gradients(model, tokens.to(score_device), prefix_len,
+    ref_ig, t_rig = timed(lambda: reference_integrated_gradients(model, tokens.to(score_device), prefix_len,
                                                                   layers=ref_layers, positions=ref_pos))
     t_rig_total = t_rig * (L * T) / (len(ref_layers) * len(ref_pos))
     same = loc.integrated_gradients(model, tokens, prefix_len, positions=ref_pos, layers=ref_layers, **_PB).cpu()
@@ -314,7 +316,7 @@ def _bench_integrated_gradients(b: _Bench, score_device: torch.device
 def _bench_ig_paths(b: _Bench, ig_fast: torch.Tensor, t_ig: float, fast_pos: list[int]) -> None:
     """IG's direct path vs its KV-cache path on the same positions (``ig_kv_cache_vs_direct``)."""
     T = b.T
-    kv, t_kv = _timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=fast_pos,
+    kv, t_kv = timed(lambda: loc.integrated_gradients(b.model, b.tokens, b.prefix_len, positions=fast_pos,
                                                        implementation="kv_cache", **_PB))
     kv = kv.cpu()
     b.row(method="ig_kv_cache_vs_direct", seconds=t_ig * T / len(fast_pos),
@@ -331,8 +333,8 @@ def _bench_mask_training(b: _Bench) -> None:
     short, long_ = (2, 6) if b.big else ((5, 25) if b.quick else (10, 60))
     for meth in ("slimming", "hard_concrete"):
         fn = getattr(loc, meth)
-        _, t_short = _timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **_PB))
-        _, t_long = _timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **_PB))
+        _, t_short = timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **_PB))
+        _, t_long = timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **_PB))
         step = (t_long - t_short) / (long_ - short)
         b.row(method=meth, seconds=step, reference_seconds=plain, speedup=plain / step, max_abs_diff=float("nan"),
               step_over_plain=step / plain,

@@ -27,7 +27,7 @@ import torch
 
 from . import localize as loc
 from .models import load_model
-from .perf import _timed
+from .perf import timed
 
 __all__ = ["bench_pipeline"]
 
@@ -46,7 +46,7 @@ def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
     from memloc.data import load_paragraphs, random_sequences
     import memloc.localize._masks as masks_mod
     from memloc.metrics import (exact_match, exact_match_teacher_forced, greedy_decode, teacher_forced)
-    from memloc.perturb import _vocab_size, perturbation_profile, random_replacements
+    from memloc.perturb import perturbation_profile, random_replacements, replacement_vocab_size
 
     model = load_model("tiny", device=device)
     para = load_paragraphs("tiny")
@@ -66,17 +66,17 @@ def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
 
     # EM: teacher forcing vs greedy decoding
     x = para.tokens[:: (12 if quick else 6)][:64]
-    fast, t_fast = _timed(lambda: exact_match_teacher_forced(model, x, p))
-    slow, t_slow = _timed(lambda: exact_match(model, x, p))
+    fast, t_fast = timed(lambda: exact_match_teacher_forced(model, x, p))
+    slow, t_slow = timed(lambda: exact_match(model, x, p))
     row("exact_match", fast, t_fast, slow, t_slow, f"{len(x)} paragraphs")
 
     # perturbation: new profile vs the old inner loop (decode + teacher-force every perturbed prefix)
     xp = torch.cat([mp[:2], nmp[:2]])
-    res, t_fast = _timed(lambda: perturbation_profile(model, xp, p, batch_size=64, **pb))
+    res, t_fast = timed(lambda: perturbation_profile(model, xp, p, batch_size=64, **pb))
 
     def old_loop():
         n = len(xp)
-        repl = random_replacements(xp[:, :p], 1, _vocab_size(model), seed=0)
+        repl = random_replacements(xp[:, :p], 1, replacement_vocab_size(model), seed=0)
         prefixes = xp[:, :p].unsqueeze(1).repeat(1, p, 1)
         prefixes[:, torch.arange(p), torch.arange(p)] = repl[..., 0]
         flat = prefixes.reshape(-1, p)
@@ -86,20 +86,20 @@ def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
         teacher_forced(model, xp, p)
         return gens.view(n, p, 1, T)
 
-    gens, t_slow = _timed(old_loop)
+    gens, t_slow = timed(old_loop)
     row("perturbation", res.generations, t_fast, gens, t_slow, "2 MPs + 2 NMPs x 50 positions")
 
     # sparse fine-tuning: EM from the teacher-forced pass vs greedy decoding every step
     kw = dict(mask="top", fraction=0.001, steps=3, lr=1e-3, seed=0, **pb)
-    a, t_fast = _timed(lambda: sparse_finetune(model, mp[:8], nmp[:16], p, **kw))
-    b, t_slow = _timed(lambda: sparse_finetune(model, mp[:8], nmp[:16], p, em_via="greedy", **kw))
+    a, t_fast = timed(lambda: sparse_finetune(model, mp[:8], nmp[:16], p, **kw))
+    b, t_slow = timed(lambda: sparse_finetune(model, mp[:8], nmp[:16], p, em_via="greedy", **kw))
     row("sparse_finetune", a["em"].to_numpy(), t_fast, b["em"].to_numpy(), t_slow, "8 MPs, 16 NMPs, 3 steps")
 
     # mask training above layer 0 (DEL): partial forwards vs full forwards, per step
     steps = (5, 15) if quick else (10, 40)
 
     def per_step():
-        t = [_timed(lambda: loc.slimming(model, mp[:1], p, max_steps=n, stop_loss=0.0, start_layer=1, **pb))
+        t = [timed(lambda: loc.slimming(model, mp[:1], p, max_steps=n, stop_loss=0.0, start_layer=1, **pb))
              for n in steps]
         return t[1][0], (t[1][1] - t[0][1]) / (steps[1] - steps[0])
 
@@ -115,10 +115,10 @@ def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
     # DEL: batched partial-forward measurement + ZERO-OUT above the excluded layer vs the old loop
     zo = {"progress_bar": False, "neurons": list(range(0, int(model.cfg.d_mlp), 8))}
     dkw = dict(targets=[0, 1], ratios=(0.005, 0.02, 0.1), random_tokens=random_sequences("tiny")[:32], **pb)
-    fast_res, t_fast = _timed(lambda: del_benchmark(model, ["zero_out", "random"], mp[:16], p,
+    fast_res, t_fast = timed(lambda: del_benchmark(model, ["zero_out", "random"], mp[:16], p,
                                                     method_kwargs={"zero_out": zo}, **dkw))
     zo_all = dict(zo, layers=list(range(int(model.cfg.n_layers))))
-    slow_res, t_slow = _timed(lambda: del_benchmark(model, ["zero_out", "random"], mp[:16], p, fast=False,
+    slow_res, t_slow = timed(lambda: del_benchmark(model, ["zero_out", "random"], mp[:16], p, fast=False,
                                                     method_kwargs={"zero_out": zo_all}, **dkw))
     cols = ["d_self_acc", "d_neg_acc", "d_self_dist", "d_rand_ppl"]
     row("del", fast_res.rows[cols].to_numpy(), t_fast, slow_res.rows[cols].to_numpy(), t_slow,

@@ -43,11 +43,12 @@ from ._checks import check_positive_int, check_seed, check_tokens
 from ._progress import progress
 from .borrow import borrowed
 from .metrics import em_from_generations, greedy_decode, teacher_forced
+from .models import Model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerturbationResult", "PMPSet", "random_replacements", "perturbation_profile", "em_drop_by_position",
-           "make_pmps"]
+__all__ = ["PerturbationResult", "PMPSet", "random_replacements", "replacement_vocab_size", "perturbation_profile",
+           "em_drop_by_position", "make_pmps"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,10 @@ class PMPSet:
         return len(self.original)
 
 
-def _vocab_size(model: Any) -> int:
+def replacement_vocab_size(model: Model) -> int:
+    """How many token ids a perturbation draws replacements from (ids ``0..n-1``, the default
+    ``vocab_size`` of :func:`perturbation_profile`): ``model.cfg.d_vocab``, or the tokenizer's
+    length where that is smaller (padded embedding matrices have rows no token maps to)."""
     v = int(model.cfg.d_vocab)
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
@@ -166,7 +170,7 @@ def _first_difference(a: Tensor, b: Tensor) -> Tensor:
     return same.sum(-1)
 
 
-def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *, n_samples: int = 1,
+def perturbation_profile(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *, n_samples: int = 1,
                          seed: int = 0, positions: Sequence[int] | None = None, batch_size: int = 64,
                          vocab_size: int | None = None, progress_bar: bool = True) -> PerturbationResult:
     """Perturb every prefix token of every paragraph and measure EM drop and NLL change (Stoehr §4, Fig. 3).
@@ -229,10 +233,10 @@ def perturbation_profile(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
                               prefix_len=prefix_len)
 
 
-def _check_vocab_size(model: Any, vocab_size: Any) -> int:
-    """``vocab_size`` of :func:`perturbation_profile`, validated; None: :func:`_vocab_size` of the model."""
+def _check_vocab_size(model: Model, vocab_size: Any) -> int:
+    """``vocab_size`` of :func:`perturbation_profile`, validated; None: :func:`replacement_vocab_size` of the model."""
     if vocab_size is None:
-        return _vocab_size(model)
+        return replacement_vocab_size(model)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 2 <= vocab_size <= model.cfg.d_vocab:
         raise ValueError(f"vocab_size must be an int in 2..{model.cfg.d_vocab}, got {vocab_size!r}")
     return vocab_size
@@ -250,7 +254,7 @@ def _perturbed_sequences(cpu_tokens: Tensor, pos_t: Tensor, repl: Tensor, prefix
     return flat_prefix, flat_full
 
 
-def _score_perturbed(model: Any, flat_full: Tensor, prefix_len: int, batch_size: int, dev: Any,
+def _score_perturbed(model: Model, flat_full: Tensor, prefix_len: int, batch_size: int, dev: Any,
                      progress_bar: bool) -> tuple[Tensor, Tensor]:
     """Teacher forcing scores the true continuation under every perturbed prefix (NLL, Stoehr §3.2)
     and gives the EM against it (:func:`memloc.metrics.exact_match_teacher_forced`); flat ``(nll, em)``."""
@@ -263,7 +267,7 @@ def _score_perturbed(model: Any, flat_full: Tensor, prefix_len: int, batch_size:
     return torch.cat(nlls), torch.cat(ems)
 
 
-def _decode_perturbed(model: Any, flat_prefix: Tensor, clean_gen: Tensor, reproduced: Tensor, batch_size: int,
+def _decode_perturbed(model: Model, flat_prefix: Tensor, clean_gen: Tensor, reproduced: Tensor, batch_size: int,
                       dev: Any, progress_bar: bool) -> Tensor:
     """The greedy continuation of every perturbed prefix, ``[n, P, S, T]``.
 
@@ -360,7 +364,7 @@ def em_drop_by_position(profile: pd.DataFrame, groups: pd.Series | Sequence | di
     return out
 
 
-def make_pmps(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int, *, n_samples: int = 1, seed: int = 0,
+def make_pmps(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int, *, n_samples: int = 1, seed: int = 0,
               positions: Sequence[int] | None = None, memorized_min_em: int | None = None, drop_unchanged: bool = True,
               result: PerturbationResult | None = None, batch_size: int = 64,
               progress_bar: bool = True) -> PMPSet:

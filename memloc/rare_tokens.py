@@ -19,7 +19,7 @@ every paragraph.  ``ties="dense"`` (consecutive ranks, 0..n_distinct-1) is avail
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,12 +27,13 @@ import torch
 from jaxtyping import Float, Int, Real
 from torch import Tensor
 
-from ._checks import check_choice, check_frequencies, check_layers, check_positive_int
+from ._checks import check_choice, check_frequencies, check_layers, check_positive_int, check_tokens
 from ._deprecation import renamed_kwargs
-from .attention import _pattern_rows, _prefix_len_for_attention
+from .attention import pattern_rows
 from .borrow import borrowed
+from .models import Model
 
-__all__ = ["unigram_counts_from_tokens", "frequency_ranks", "attention_by_rank", "rare_token_attention",
+__all__ = ["unigram_counts_from_tokens", "frequency_ranks", "attention_by_rank", "rank_frame", "rare_token_attention",
            "rare_token_correlation", "TIES", "CORRELATIONS"]
 
 #: Tie handling of :func:`frequency_ranks` (pandas/scipy ``rank`` methods, shifted to start at 0).
@@ -122,8 +123,20 @@ def attention_by_rank(attention: Float[Tensor, "n layer head prefix"], ranks: In
     return torch.zeros_like(attention).scatter_add_(-1, index, attention)
 
 
-def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor, "n prefix"],
-                layers: list[int]) -> pd.DataFrame:
+def rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor, "n prefix"],
+               layers: Sequence[int]) -> pd.DataFrame:
+    """The table of :func:`rare_token_attention` from per-rank attention sums: the mean over
+    paragraphs per (layer, head, rank) and how many prefix tokens and paragraphs have each rank.
+
+    Args:
+        per_rank: Float[Tensor, "n layer head rank"] from :func:`attention_by_rank` (``rank`` = prefix).
+        ranks: Int[Tensor, "n prefix"] from :func:`frequency_ranks`.
+        layers: the layer index of each entry of ``per_rank``'s ``layer`` axis.
+
+    Returns:
+        DataFrame, one row per (layer, head, rank): ``attention``, ``n_tokens``, ``n_paragraphs``, ``n``
+        (the columns of :func:`rare_token_attention`).
+    """
     n, n_l, n_h, p = per_rank.shape
     counts = torch.zeros(n, p, dtype=torch.long).scatter_add_(1, ranks.long(), torch.ones_like(ranks, dtype=torch.long))
     mean = per_rank.double().mean(0)  # [layer, head, rank]
@@ -136,7 +149,7 @@ def _rank_frame(per_rank: Float[Tensor, "n layer head rank"], ranks: Int[Tensor,
 
 
 @renamed_kwargs(layer="layers")
-def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: int,
+def rare_token_attention(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: int,
                          frequencies: Real[Tensor, "vocab"], *, layers: int | Sequence[int] | None = None,
                          ties: Literal["min", "dense"] = "min", batch_size: int = 32,
                          attention: Float[Tensor, "n layer head prefix"] | None = None,
@@ -166,7 +179,7 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         per-paragraph attention sum on that rank), ``n_tokens`` (prefix tokens of that rank over
         all paragraphs), ``n_paragraphs`` (paragraphs where the rank occurs), ``n`` (paragraphs).
     """
-    tokens = _prefix_len_for_attention(model, tokens, prefix_len)
+    tokens = check_tokens(model, tokens, prefix_len)
     layers = check_layers(model, layers, "layers")
     freq = check_frequencies(frequencies, int(model.cfg.d_vocab))
     check_choice(ties, "ties", TIES)
@@ -179,9 +192,9 @@ def rare_token_attention(model: Any, tokens: Int[Tensor, "n seq"], prefix_len: i
         att = attention.detach().float().cpu()
     else:
         with borrowed(model):
-            att = _pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
+            att = pattern_rows(model, tokens, prefix_len, layers, batch_size, progress_bar)
     ranks = frequency_ranks(tokens[:, :prefix_len].cpu(), freq, ties=ties)
-    return _rank_frame(attention_by_rank(att, ranks), ranks, layers)
+    return rank_frame(attention_by_rank(att, ranks), ranks, layers)
 
 
 def rare_token_correlation(rank_frame: pd.DataFrame, *, method: Literal["pearson", "spearman"] = "pearson",

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .tasks import OnDone, Task, _Executor, _kind
+from .models import Model
+from .tasks import Executor, OnDone, Task, task_kind
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class ModelSpec:
                           process_weights=self.process_weights)
 
     @classmethod
-    def from_model(cls, model: Any) -> "ModelSpec":
+    def from_model(cls, model: Model) -> "ModelSpec":
         from .models import load_args
 
         args = load_args(model)
@@ -123,7 +124,7 @@ def _check_address(address: str, timeout: float) -> None:
                          f"({type(exc).__name__}: {exc}); is the head node running (`ray start --head`)?") from exc
 
 
-class RayExecutor(_Executor):
+class RayExecutor(Executor):
     """Run the tasks on Ray actors: a local Ray instance (``address=None``) or a running cluster.
 
     Args:
@@ -291,7 +292,7 @@ class RayExecutor(_Executor):
                              f"{self.num_gpus_per_worker} GPU")
         return n
 
-    def _start_actors(self, model: Any, n_tasks: int) -> None:
+    def _start_actors(self, model: Model, n_tasks: int) -> None:
         from .benchmarks._scores import model_fingerprint
 
         ray = self._ray
@@ -318,7 +319,7 @@ class RayExecutor(_Executor):
         self.actors = []
         self._busy = {}
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:
         if not tasks:
             return
@@ -346,7 +347,7 @@ class RayExecutor(_Executor):
                     self._busy.pop(ref, None)
                     pid, result = ray.get(ref)  # a task's exception is re-raised here (as its own type)
                     idle.append(actor)
-                    self._after_task(_kind(task), pid)
+                    self._after_task(task_kind(task), pid)
                     new = list(on_done(task, result))
                     queue.extendleft(reversed(new))  # finish a target's evaluations first
                     update(1, len(new) - task.spawns)

@@ -3,7 +3,7 @@ serial executor (see :mod:`memloc.executors` for the whole picture).
 
 A sweep hands an executor a list of :class:`Task` (``func(model, *args)``) and an ``on_done``
 callback that may add tasks (a DEL target's evaluations after its attribution).  Every executor
-shares :class:`_Executor`'s bookkeeping (:class:`SweepStats`, the progress bar, ``stop_after``
+shares :class:`Executor`'s bookkeeping (:class:`SweepStats`, the progress bar, ``stop_after``
 with :class:`SweepStopped`); :class:`SerialExecutor` runs the tasks in this process, depth first,
 in the order the serial loops always used.  The Ray executor is :mod:`memloc.ray_executor`.
 """
@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ._progress import progress
+from .models import Model
 
-__all__ = ["Task", "SweepStats", "SweepStopped", "SerialExecutor"]
+__all__ = ["Task", "SweepStats", "SweepStopped", "Executor", "SerialExecutor", "task_kind"]
 
 
 @dataclass
@@ -57,12 +58,12 @@ class SweepStopped(RuntimeError):
 OnDone = Callable[[Task, Any], Sequence[Task]]
 
 
-class _Executor:
+class Executor:
     """Common part: the task loop's bookkeeping, the progress bar and ``stop_after``."""
 
     name = "executor"
 
-    def __init__(self, *, stop_after: int | None = None, on_task_done: Callable[["_Executor"], None] | None = None):
+    def __init__(self, *, stop_after: int | None = None, on_task_done: Callable[["Executor"], None] | None = None):
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or stop_after < 0):
             raise ValueError(f"stop_after must be a non-negative int or None, got {stop_after!r}")
@@ -79,7 +80,7 @@ class _Executor:
         self.stats = SweepStats()
         return self.stats
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -114,16 +115,18 @@ class _Executor:
                             "run the same call again with the same cache_dir to compute only the missing tasks")
 
 
-def _kind(task: Task) -> str:
+def task_kind(task: Task) -> str:
+    """The kind a task is counted under in :class:`SweepStats`: the first element of its ``key``
+    when that is a tuple starting with a string (``("eval", ...)``, ``("scores", ...)``), else ``"task"``."""
     return task.key[0] if isinstance(task.key, tuple) and task.key and isinstance(task.key[0], str) else "task"
 
 
-class SerialExecutor(_Executor):
+class SerialExecutor(Executor):
     """Run every task in this process on the model passed to the benchmark (the default)."""
 
     name = "serial"
 
-    def run(self, model: Any, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
+    def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:
         queue = deque(tasks)
         with self._bar(tasks, desc, progress_bar) as update:
@@ -132,7 +135,7 @@ class SerialExecutor(_Executor):
                     raise self._stopped()
                 task = queue.popleft()
                 result = task.func(model, *task.args)
-                self._after_task(_kind(task), os.getpid())
+                self._after_task(task_kind(task), os.getpid())
                 new = list(on_done(task, result))
                 queue.extendleft(reversed(new))  # depth first: the serial loops' order
                 update(1, len(new) - task.spawns)

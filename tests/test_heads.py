@@ -339,7 +339,7 @@ def test_grouped_query_attention_evidence_per_query_head(random_model_dir, uncha
 def test_bad_inputs_raise_before_work(small, small_tokens, monkeypatch):
     calls = []
     for module in (H, attention, rare_tokens):  # each module that runs the attention forward
-        monkeypatch.setattr(module, "_pattern_rows", lambda *a, **k: calls.append(1))
+        monkeypatch.setattr(module, "pattern_rows", lambda *a, **k: calls.append(1))
     freq = torch.ones(small.cfg.d_vocab)
     cases = [
         (lambda: H.first_token_attention(small, small_tokens, 0), "prefix_len"),

@@ -150,6 +150,7 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
         m, d.x, P, progress_bar=False),
     "memloc.attention.first_token_attention_frame": lambda m, d: _c("memloc.attention.first_token_attention_frame")(
         m, d.x, P, layer=1, decode=False, progress_bar=False),
+    "memloc.attention.pattern_rows": lambda m, d: _c("memloc.attention.pattern_rows")(m, d.x, P, [1, 3], 1, False),
     "memloc.rare_tokens.rare_token_attention": lambda m, d: _c("memloc.rare_tokens.rare_token_attention")(
         m, d.x, P, torch.arange(m.cfg.d_vocab, dtype=torch.float32), layer=1, progress_bar=False),
     "memloc.localize._common.capture_clean": _capture_and_replay,
@@ -192,6 +193,7 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
         m, d.x, P, positions=[3], drop_unchanged=False, progress_bar=False),
     "memloc.perturb.perturbation_profile": lambda m, d: _c("memloc.perturb.perturbation_profile")(
         m, d.x, P, positions=[2, 3], progress_bar=False),
+    "memloc.perturb.replacement_vocab_size": lambda m, d: _c("memloc.perturb.replacement_vocab_size")(m),
     "memloc.cache.model_fingerprint": lambda m, d: _c("memloc.cache.model_fingerprint")(m),
     "memloc.data.bundled_profile": lambda m, d: _c("memloc.data.bundled_profile")(m),
     "memloc.data.default_paragraphs": lambda m, d: _c("memloc.data.default_paragraphs")(m),

@@ -412,12 +412,21 @@ def test_bundled_profile_is_the_one_answer(tiny):
     settings, paragraph set, corpus counts and held-out text goes through it."""
     from pathlib import Path
     from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from transformer_lens.model_bridge import TransformerBridge
 
     from memloc.data import PROFILES, bundled_profile
 
+    def bridge(d_vocab: int) -> MagicMock:
+        """A TransformerBridge (to the runtime type check) with only a vocabulary size: no 125M-parameter model."""
+        m = MagicMock(spec=TransformerBridge)
+        m.cfg = SimpleNamespace(d_vocab=d_vocab)
+        return m
+
     assert bundled_profile(tiny) is PROFILES["tiny"]
-    assert bundled_profile(SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257))) is PROFILES["gpt-neo-125m"]
-    smol = SimpleNamespace(cfg=SimpleNamespace(d_vocab=49152))
+    assert bundled_profile(bridge(50257)) is PROFILES["gpt-neo-125m"]
+    smol = bridge(49152)
     assert bundled_profile(smol) is None
     with pytest.raises(ValueError, match="49152 tokens.*pass --paragraphs"):
         bundled_profile(smol, required="pass --paragraphs")

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..cache import ContentCache, digest, model_fingerprint
 from ..cache import tensor_bytes as _tensor_bytes  # noqa: F401  (the old private name)
+from ..models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def score_cache_path(cache_dir: str | Path, fingerprint: str, method: str, kwarg
     return ContentCache(cache_dir).path(method.replace("/", "_"), key, ".safetensors")
 
 
-def _check_scores(scores: Any, method: str, model: Any) -> Tensor:
+def _check_scores(scores: Any, method: str, model: Model) -> Tensor:
     shape = (int(model.cfg.n_layers), int(model.cfg.d_mlp))
     if not isinstance(scores, Tensor) or tuple(scores.shape) != shape or not scores.dtype.is_floating_point:
         raise ValueError(f"method {method!r} returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))}; "
@@ -203,7 +204,7 @@ def _check_scores(scores: Any, method: str, model: Any) -> Tensor:
     return torch.nan_to_num(scores.detach().float(), nan=float("-inf"))
 
 
-def localize_cached(model: Any, method: str, fn: Callable, tokens: Int[Tensor, "1 seq"], prefix_len: int,
+def localize_cached(model: Model, method: str, fn: Callable, tokens: Int[Tensor, "1 seq"], prefix_len: int,
                     kwargs: Mapping | None = None, *, cache_dir: str | Path | None = None,
                     fingerprint: str | None = None) -> Float[Tensor, "layer neuron"]:
     """Scores of ``fn(model, tokens, prefix_len, **kwargs)``, read from / written to ``cache_dir``.
@@ -236,7 +237,7 @@ def _not_cached(*args: Any, **kwargs: Any) -> Tensor:
     raise _NotCached
 
 
-def cached_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, cache_dir: str | Path | None,
+def cached_scores(model: Model, name: str, x: Tensor, prefix_len: int, kw: Mapping, cache_dir: str | Path | None,
                   fingerprint: str | None) -> Tensor | None:
     """The scores of (model, method, hyperparameters, sequence) from the score cache, or None."""
     if cache_dir is None or not score_cache_path(cache_dir, fingerprint, name, kw, x, prefix_len).exists():
@@ -248,7 +249,7 @@ def cached_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping
         return None
 
 
-def store_scores(model: Any, name: str, x: Tensor, prefix_len: int, kw: Mapping, scores: Tensor,
+def store_scores(model: Model, name: str, x: Tensor, prefix_len: int, kw: Mapping, scores: Tensor,
                  cache_dir: str | Path | None, fingerprint: str | None) -> Tensor:
     """Write scores computed elsewhere (a worker) into the score cache, exactly as a serial run would."""
     if cache_dir is None:

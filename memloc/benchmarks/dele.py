@@ -32,6 +32,7 @@ from ..ablation import mean_activations
 from ..borrow import borrowed
 from ..metrics import teacher_forced
 from ..executors import Task, check_calls, resolve_executor
+from ..models import Model
 from ._scores import (PAPER_ORDER, cached_scores, check_method_kwargs, localize_cached, model_fingerprint,
                       resolve_methods, store_scores, with_defaults)
 from .dropout import DelSetting, eval_cache_path, evaluate_dropout, measure, read_eval, write_eval
@@ -86,7 +87,7 @@ class DelResult:
             columns=["method", "ratio", "target_id", "seq_id", "d_acc", "d_dist"])
 
 
-def memorized_set(model: Any, name: str = "tiny", *, min_em: int | None = None, n: int | None = None,
+def memorized_set(model: Model, name: str = "tiny", *, min_em: int | None = None, n: int | None = None,
                   batch_size: int = 64) -> tuple[Int[Tensor, "n seq"], int, pd.DataFrame]:
     """The memorized paragraphs of a bundled paragraph set on ``model``: those whose exact match
     (greedy, Stoehr et al. §3.2) equals the whole continuation (``min_em``, default T = 50).
@@ -140,12 +141,12 @@ def _check_ratios(ratios: Any) -> list[float]:
     return [float(r) for r in ratios]
 
 
-def _scores_task(model: Any, name: str, fn: Callable, x: Tensor, prefix_len: int, kw: dict) -> Tensor:
+def _scores_task(model: Model, name: str, fn: Callable, x: Tensor, prefix_len: int, kw: dict) -> Tensor:
     """Attribution task: one method's neuron scores on one target (checked as the cache stores them)."""
     return localize_cached(model, name, fn, x, prefix_len, kw)
 
 
-def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs: list, pair_kwargs: dict,
+def _run_del_tasks(executor: Any, model: Model, fns: Mapping[str, Callable], pairs: list, pair_kwargs: dict,
                    ratios: list[float], setting: DelSetting, cache_dir: str | Path | None, fingerprint: str | None,
                    progress_bar: bool) -> dict:
     """Attribution and evaluation results ``{(method, target row, ratio): (acc, dist, ppl, n_dropped)}``:
@@ -196,7 +197,7 @@ def _run_del_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], pairs
     return out
 
 
-def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
+def del_benchmark(model: Model, methods: Mapping[str, Callable] | Sequence[str],
                   tokens: Int[Tensor, "n seq"] | None = None, prefix_len: int | None = None, *,
                   ids: Sequence | None = None, targets: Sequence[int] | None = None, n_targets: int | None = None,
                   set_size: int | None = None,
@@ -297,7 +298,7 @@ def del_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str],
         return _del_result(measured, pairs, targets, ratios, ids, acc0, dist0, ppl0)
 
 
-def _memorized_set_x(model: Any, tokens: Any, prefix_len: Any, ids: Any, set_size: Any,
+def _memorized_set_x(model: Model, tokens: Any, prefix_len: Any, ids: Any, set_size: Any,
                      batch_size: int) -> tuple[Tensor, int, list]:
     """The memorized set X, its prefix length and row labels: ``tokens`` as given (checked), or the
     embedded model's fully memorized paragraphs except the tuning dev set (A.7)."""
@@ -340,7 +341,7 @@ def _check_targets(targets: Any, n: int, n_targets: Any) -> list[int]:
     return targets
 
 
-def _random_batch(model: Any, random_tokens: Any, n_random: int) -> Tensor | None:
+def _random_batch(model: Model, random_tokens: Any, n_random: int) -> Tensor | None:
     """The random batch D of ΔRand-PPL: as given (checked), else the bundled held-out text of the
     model's paragraph profile (the embedded model), else None (ΔRand-PPL is NaN)."""
     if random_tokens is None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..ablation import ablate, select_top_k
 from ..metrics import char_distances, perplexity, teacher_forced
+from ..models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ __all__ = ["DelSetting", "DropoutMeasurer", "measure", "evaluate_dropout", "eval
            "write_eval", "digest_tensor"]
 
 
-def measure(model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
+def measure(model: Model, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
              tokenizer: Any) -> tuple[Tensor, Tensor, float]:
     tf = teacher_forced(model, tokens, prefix_len, batch_size=batch_size)
     dist = char_distances(model, tf["argmax"], tokens[:, prefix_len:].cpu(), tokenizer).double()
@@ -47,7 +48,7 @@ class DropoutMeasurer:
     mask under :func:`memloc.ablation.ablate` with full forwards (tests/test_benchmarks.py).
     """
 
-    def __init__(self, model: Any, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
+    def __init__(self, model: Model, tokens: Tensor, prefix_len: int, random_tokens: Tensor | None, batch_size: int,
                  tokenizer: Any, start: int, means: Tensor | None) -> None:
         from ..localize._common import partial_forward, suffix_positions
 
@@ -145,7 +146,7 @@ class DelSetting:
         return [digest_tensor(self.tokens), str(int(self.prefix_len)), rand, str(int(self.batch_size)),
                 repr(sorted(self.exclude_layers)), self.mode, repr(self.tokenizer is None)]
 
-    def measurer(self, model: Any) -> "DropoutMeasurer | None":
+    def measurer(self, model: Model) -> "DropoutMeasurer | None":
         """The fast dropout measurer of this setting on ``model`` (built once per process and model:
         it caches the input of the first droppable block), or None for ``fast=False`` or when its
         self-check failed (then a WARNING was logged and full forwards run)."""
@@ -172,7 +173,7 @@ def digest_tensor(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def evaluate_dropout(model: Any, s: DelSetting, scores: Tensor, r: float) -> tuple[Tensor, Tensor, float, int]:
+def evaluate_dropout(model: Model, s: DelSetting, scores: Tensor, r: float) -> tuple[Tensor, Tensor, float, int]:
     """Evaluation task: drop out the top-``r`` neurons of ``scores`` per layer (except the excluded
     layers) and measure accuracy and distance of every sequence of X and the Rand-PPL."""
     if r == 0:

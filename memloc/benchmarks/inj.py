@@ -32,6 +32,7 @@ from .._checks import check_fraction, check_positive_int, check_tokens
 from ..ablation import select_top_k
 from ..borrow import borrowed
 from ..executors import Task, check_calls, resolve_executor
+from ..models import Model
 from ._scores import (PAPER_ORDER, cached_scores, check_method_kwargs, localize_cached, model_fingerprint,
                       resolve_methods, store_scores, with_sequence_seed)
 from .injection import (DEFAULT_INJ_LR, InjectionResult, ValueVectors, ffn_value_vectors, injected, injected_rows,
@@ -65,7 +66,7 @@ def recall_at_k(scores: Float[Tensor, "layer neuron"], truth: Bool[Tensor, "laye
     return float((predicted.cpu() & truth.cpu()).sum()) / float(truth.sum())
 
 
-def _sequences(model: Any, sequences: Any, n: int | None, max_len: int | None) -> list[Tensor]:
+def _sequences(model: Model, sequences: Any, n: int | None, max_len: int | None) -> list[Tensor]:
     from ..data import load_ecbd, tokenize_texts
 
     if sequences is None:
@@ -93,7 +94,7 @@ def _sequences(model: Any, sequences: Any, n: int | None, max_len: int | None) -
     return out
 
 
-def _inject_task(model: Any, x: Tensor, mask: Tensor, lr: float, max_steps: int, target_loss: float,
+def _inject_task(model: Model, x: Tensor, mask: Tensor, lr: float, max_steps: int, target_loss: float,
                  fingerprint: bool) -> dict:
     """Injection task (Algorithm 1 for one sequence): the injected value vectors, the run's outcome
     and (if ``fingerprint``) the injected model's fingerprint, the key of its score cache."""
@@ -103,7 +104,7 @@ def _inject_task(model: Any, x: Tensor, mask: Tensor, lr: float, max_steps: int,
                 "fingerprint": model_fingerprint(model) if fingerprint else None}
 
 
-def _inj_scores_task(model: Any, x: Tensor, mask: Tensor, injection: dict, name: str, fn: Callable,
+def _inj_scores_task(model: Model, x: Tensor, mask: Tensor, injection: dict, name: str, fn: Callable,
                      kw: dict) -> Tensor:
     """Attribution task: one method's scores on the injected model (the injection's value vectors are
     written into the worker's model, checked against the injected fingerprint, and undone)."""
@@ -150,7 +151,7 @@ def _write_injection(path: Path, inj: dict) -> None:
     tmp.replace(path)
 
 
-def _run_inj_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], seqs: list[Tensor], jobs: list,
+def _run_inj_tasks(executor: Any, model: Model, fns: Mapping[str, Callable], seqs: list[Tensor], jobs: list,
                    seq_kwargs: dict, lr: float, max_steps: int, target_loss: float, cache_dir: str | Path | None,
                    progress_bar: bool) -> tuple[dict, dict]:
     """Injections ``{(i, r): InjectionResult}`` and scores ``{(i, r, method): scores}``, read from the
@@ -210,7 +211,7 @@ def _run_inj_tasks(executor: Any, model: Any, fns: Mapping[str, Callable], seqs:
     return injections, scores
 
 
-def inj_benchmark(model: Any, methods: Mapping[str, Callable] | Sequence[str], *, sequences: Any = None,
+def inj_benchmark(model: Model, methods: Mapping[str, Callable] | Sequence[str], *, sequences: Any = None,
                   n: int | None = None, ratios: Sequence[float] = DEFAULT_INJ_RATIOS,
                   k_multiples: Sequence[float] = DEFAULT_K_MULTIPLES, method_kwargs: Mapping[str, Mapping] | None = None,
                   lr: float = DEFAULT_INJ_LR, max_steps: int = 500, target_loss: float = 0.05,

@@ -19,6 +19,7 @@ from .._checks import check_fraction, check_positive_int, check_seed, check_toke
 from ..ablation import n_selected
 from ..architectures import weight_layout
 from ..borrow import borrowed
+from ..models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ValueVectors:
         return self.param.select(self.neuron_axis, neuron)
 
 
-def ffn_value_vectors(model: Any) -> list[ValueVectors]:
+def ffn_value_vectors(model: Model) -> list[ValueVectors]:
     """Locate every layer's FFN down-projection weight (W_out, Chang et al. Eq. 2-3's V^l).
 
     Works through the bridge's ``blocks[l].mlp.out`` component, so it covers GPT-2 (Conv1D),
@@ -93,7 +94,7 @@ def sample_injection_mask(n_layers: int, d_mlp: int, ratio: float, seed: int) ->
     return mask.view(n_layers, d_mlp)
 
 
-def injection_loss(model: Any, tokens: Int[Tensor, "1 seq"]) -> Tensor:
+def injection_loss(model: Model, tokens: Int[Tensor, "1 seq"]) -> Tensor:
     """Language-modelling loss of Chang et al. Eq. 13: mean NLL of tokens 2..T given their prefix."""
     logits = model(tokens)
     return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
@@ -116,7 +117,7 @@ class InjectionResult:
         return int(self.mask.sum())
 
 
-def _check_mask(model: Any, mask: Any) -> Tensor:
+def _check_mask(model: Model, mask: Any) -> Tensor:
     shape = (int(model.cfg.n_layers), int(model.cfg.d_mlp))
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
         raise ValueError(f"mask must be a bool tensor of shape {shape} [layer, neuron], got "
@@ -127,7 +128,7 @@ def _check_mask(model: Any, mask: Any) -> Tensor:
 
 
 @contextmanager
-def injected(model: Any, tokens: Int[Tensor, "1 seq"], mask: Bool[Tensor, "layer neuron"], *,
+def injected(model: Model, tokens: Int[Tensor, "1 seq"], mask: Bool[Tensor, "layer neuron"], *,
              lr: float = DEFAULT_INJ_LR, max_steps: int = 500, target_loss: float = 0.05) -> Iterator[InjectionResult]:
     """Context manager: inject ``tokens`` into the value vectors selected by ``mask``
     (Chang et al. Algorithm 1 for one sequence) and undo it on exit.
@@ -162,7 +163,7 @@ def injected(model: Any, tokens: Int[Tensor, "1 seq"], mask: Bool[Tensor, "layer
             v.param.grad = old_grads[v.name]
 
 
-def _inject(model: Any, tokens: Tensor, mask: Tensor, vectors: list[ValueVectors], lr: float, max_steps: int,
+def _inject(model: Model, tokens: Tensor, mask: Tensor, vectors: list[ValueVectors], lr: float, max_steps: int,
             target_loss: float) -> InjectionResult:
     model.eval()
     for p in model.parameters():
@@ -196,7 +197,7 @@ def _inject(model: Any, tokens: Tensor, mask: Tensor, vectors: list[ValueVectors
     return InjectionResult(steps, losses[-1], converged, mask.detach().cpu().clone(), losses)
 
 
-def injected_rows(model: Any, mask: Tensor) -> Tensor:
+def injected_rows(model: Model, mask: Tensor) -> Tensor:
     """The value vectors selected by ``mask`` as rows [n_selected, d_model], in (layer, neuron) order."""
     parts = []
     for v in ffn_value_vectors(model):
@@ -207,7 +208,7 @@ def injected_rows(model: Any, mask: Tensor) -> Tensor:
 
 
 @contextmanager
-def with_injected_rows(model: Any, mask: Tensor, values: Tensor) -> Iterator[None]:
+def with_injected_rows(model: Model, mask: Tensor, values: Tensor) -> Iterator[None]:
     """Write injected value vectors (from :func:`injected_rows`) into the model; undone on exit."""
     vectors = ffn_value_vectors(model)
     with borrowed(model, restore_weights=[v.name for v in vectors]), torch.no_grad():

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..models import Model
 from .activations import activations
 from .attribution_patching import attribution_patching
 from .hard_concrete import hard_concrete, hard_concrete_mask, l0_regularizer
@@ -77,7 +78,7 @@ class Method:
         """Names of the keyword hyperparameters ``fn`` accepts."""
         return frozenset(self.defaults)
 
-    def __call__(self, model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int,
+    def __call__(self, model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int,
                  **hyperparameters: Any) -> Float[Tensor, "layer neuron"]:
         """``fn(model, tokens, prefix_len, **hyperparameters)``."""
         return self.fn(model, tokens, prefix_len, **hyperparameters)

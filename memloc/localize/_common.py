@@ -197,7 +197,7 @@ def _block_input_name(start: int) -> str:
     return "blocks.0.hook_resid_pre" if start == 0 else f"blocks.{start - 1}.hook_resid_post"
 
 
-def partial_forward(model: Any, tokens: Int[Tensor, "batch seq"], start: int, positions: slice, *,
+def partial_forward(model: Model, tokens: Int[Tensor, "batch seq"], start: int, positions: slice, *,
                     atol: float | None = None, what: str = "partial forward") -> Callable[[], Tensor] | None:
     """A function returning the logits at ``positions`` of ``model(tokens)`` that re-runs only blocks
     ``start .. L-1``, the final norm and the unembedding *at those positions*, from the input of

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress
+from ..models import Model
 from ._common import relative_error
 
 __all__ = ["ARCHS", "DirectWeights", "check", "default_batch", "direct_weights", "gradients", "model_type",
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 ARCHS = ("gpt2", "gpt_neo")
 
 
-def model_type(model: Any) -> str | None:
+def model_type(model: Model) -> str | None:
     from ..architectures import model_type as _model_type
 
     return _model_type(model)
@@ -48,7 +49,7 @@ class DirectWeights:
     (columns Q | K | V, each head-major), ``W_O`` [layer, heads*d_head, d_model], and per layer the
     attention score scale and local-attention window (None = global)."""
 
-    def __init__(self, model: Any, scales: list[float], windows: list[int | None], act: Any) -> None:
+    def __init__(self, model: Model, scales: list[float], windows: list[int | None], act: Any) -> None:
         from einops import rearrange
 
         cfg = model.cfg
@@ -79,7 +80,7 @@ class DirectWeights:
         self.scales, self.windows, self.act = scales, windows, act
 
 
-def direct_weights(model: Any) -> DirectWeights | None:
+def direct_weights(model: Model) -> DirectWeights | None:
     """The direct path's weights for GPT-Neo / GPT-2 (None for other architectures or configurations).
 
     GPT-Neo: unscaled scores; ``config.attention_layers[l] == "local"`` layers see keys ``p`` with
@@ -162,7 +163,7 @@ def check(w: DirectWeights, tokens: Tensor, prefix_len: int, clean: Tensor, acts
 DIRECT_BUDGET_BYTES = 512 * 2**20
 
 
-def default_batch(model: Any, seq: int) -> int:
+def default_batch(model: Model, seq: int) -> int:
     cfg = model.cfg
     # float32 per row: logits, softmax and their grads; per layer about 4 d_mlp + 16 d_model + 4 heads*seq
     per_row = 4 * (4 * int(cfg.d_vocab) + int(cfg.n_layers) * (4 * int(cfg.d_mlp) + 16 * int(cfg.d_model)

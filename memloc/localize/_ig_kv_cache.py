@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress
-from ..models import neuron_hook_name
+from ..models import Model, neuron_hook_name
 from ._common import relative_error
 
 __all__ = ["check", "default_batch", "gradients", "padded_cache"]
@@ -64,7 +64,7 @@ def _cache_kwargs(cache: Any, q: Tensor) -> dict[str, Any]:
     return dict(past_key_values=_empty_cache())
 
 
-def check(model: Any, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any) -> float:
+def check(model: Model, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any) -> float:
     """Relative error (max |Δlogit| / max(1, max |logit|)) of padded-cache single-token forwards at
     the first and last suffix positions against the clean forward; ``inf`` where the model's forward
     rejects these arguments."""
@@ -78,7 +78,7 @@ def check(model: Any, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any
     return relative_error(out[:, -1], clean[0, q])
 
 
-def default_batch(model: Any, seq: int, n_layers_scored: int, steps: int) -> int:
+def default_batch(model: Model, seq: int, n_layers_scored: int, steps: int) -> int:
     """Rows per forward so the padded key/value copies of one batch stay within ``KV_BUDGET_BYTES``."""
     cfg = model.cfg
     kv_dim = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * int(cfg.d_head)
@@ -87,7 +87,7 @@ def default_batch(model: Any, seq: int, n_layers_scored: int, steps: int) -> int
     return max(steps, min(n_layers_scored * steps * 16, KV_BUDGET_BYTES // per_row))
 
 
-def gradients(model: Any, tokens: Tensor, positions: Sequence[int], alphas: Tensor, batch_size: int,
+def gradients(model: Model, tokens: Tensor, positions: Sequence[int], alphas: Tensor, batch_size: int,
               layers: list[int], cache: Any, acts: Tensor,
               progress_bar: bool) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(j, q, g)`` per batch: for each row, the index j into ``layers``, its position q and

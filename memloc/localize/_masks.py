@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .._checks import check_number, check_positive_int
 from .._progress import progress
-from ..models import layer_hooks
+from ..models import Model, layer_hooks
 from ._common import memorization_loss, partial_forward, suffix_positions
 
 logger = logging.getLogger("memloc.localize")
@@ -84,7 +84,7 @@ def penalty_weight(lam: float, lam_scale: str, n_masked: int) -> float:
     return float(lam) * n_masked if lam_scale == "per_neuron" else float(lam)
 
 
-def check_mask_args(model: Any, *, lam: Any, lam_scale: Any, lr: Any, max_steps: Any, stop_loss: Any,
+def check_mask_args(model: Model, *, lam: Any, lam_scale: Any, lr: Any, max_steps: Any, stop_loss: Any,
                     stop_mem_margin: Any, check_every: Any, start_layer: Any) -> dict:
     """Validate the hyperparameters shared by SLIMMING and HARD CONCRETE (ValueError naming the argument)."""
     if lam_scale not in LAM_SCALES:
@@ -105,7 +105,7 @@ def check_mask_args(model: Any, *, lam: Any, lam_scale: Any, lr: Any, max_steps:
     return out
 
 
-def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
+def train_masks(model: Model, tokens: Tensor, prefix_len: int, param: Tensor, *,
                 mask_fn: Callable[[int], Tensor], regularizer: Callable[[], Tensor], lam: float, lam_scale: str,
                 lr: float, max_steps: int, stop_loss: float, stop_mem_margin: float | None, check_every: int,
                 start_layer: int, clip: tuple[float, float] | None, progress_bar: bool, desc: str,
@@ -173,7 +173,7 @@ def train_masks(model: Any, tokens: Tensor, prefix_len: int, param: Tensor, *,
 
 
 @torch.no_grad()
-def _warn_if_collapsed(model: Any, tokens: Tensor, pos: slice, target: Tensor, eval_mask_fn: Callable[[int], Tensor],
+def _warn_if_collapsed(model: Model, tokens: Tensor, pos: slice, target: Tensor, eval_mask_fn: Callable[[int], Tensor],
                        start_layer: int, clean: float, steps: int, desc: str, lam: float, lam_scale: str,
                        w: float) -> None:
     masks = {l: eval_mask_fn(l).detach() for l in range(start_layer, int(model.cfg.n_layers))}

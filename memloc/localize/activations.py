@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import einops
 import torch
@@ -11,13 +11,13 @@ from torch import Tensor
 
 from .._checks import check_choice
 from ..borrow import borrowed
-from ..models import neuron_hook_name
+from ..models import Model, neuron_hook_name
 from ._common import capture_clean, prepare_sequence, suffix_positions, w_out
 
 __all__ = ["activations"]
 
 
-def activations(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def activations(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                 reduce: Literal["mean_abs", "abs_mean"] = "mean_abs") -> Float[Tensor, "layer neuron"]:
     """ACTIVATIONS attribution (Chang et al. Eq. 8): ``A^l(i) = 1/T sum_t |h^l_{i,t}| * ||v^l_i||``.
 

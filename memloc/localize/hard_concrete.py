@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._checks import check_number, check_seed
 from ..borrow import borrowed
+from ..models import Model
 from ._common import prepare_sequence
 from ._masks import DEFAULT_LAM, check_mask_args, train_masks
 
@@ -41,7 +42,7 @@ def l0_regularizer(log_m: Float[Tensor, "layer neuron"], beta: float, start_laye
     return torch.sigmoid(log_m[start_layer:] - c).mean()
 
 
-def hard_concrete(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def hard_concrete(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                   lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
                   beta: float = 2 / 3, mask_init: float = 0.5, max_steps: int = 500, stop_loss: float = 0.1,
                   stop_mem_margin: float | None = 0.5, check_every: int = 10, start_layer: int = 0, seed: int = 0,

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import check_choice, check_positive_int
 from .._progress import progress
 from ..borrow import borrowed, trainable_only
-from ..models import hook_name, kv_cache_kwarg_aliased, neuron_hook_name
+from ..models import Model, hook_name, kv_cache_kwarg_aliased, neuron_hook_name
 from . import _ig_direct, _ig_kv_cache
 from ._common import check_tolerance, prepare_sequence
 
@@ -52,7 +52,7 @@ def accumulate(batches: Iterable[tuple[Tensor, Tensor, Tensor]], acts: Float[Ten
     return (total / (steps * n_positions)).float()
 
 
-def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def integrated_gradients(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                          steps: int = 20, batch_size: int | None = None, layers: list[int] | None = None,
                          positions: Sequence[int] | None = None,
                          implementation: Literal["auto", "direct", "kv_cache", "full"] = "auto",
@@ -125,7 +125,7 @@ def integrated_gradients(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, 
         return scores
 
 
-def _check_args(model: Any, tokens: Any, prefix_len: Any, steps: Any, batch_size: Any, layers: Any, positions: Any,
+def _check_args(model: Model, tokens: Any, prefix_len: Any, steps: Any, batch_size: Any, layers: Any, positions: Any,
                 implementation: Any) -> tuple[Tensor, list[int], list[int]]:
     """Validate the arguments of :func:`integrated_gradients` (before any work); returns the
     ``[1, seq]`` tokens and the layers and positions with their defaults filled in."""
@@ -155,7 +155,7 @@ def _check_args(model: Any, tokens: Any, prefix_len: Any, steps: Any, batch_size
     return tokens, layers, positions
 
 
-def _path_gradients(path: str, model: Any, weights: Any, tokens: Tensor, positions: list[int], alphas: Tensor,
+def _path_gradients(path: str, model: Model, weights: Any, tokens: Tensor, positions: list[int], alphas: Tensor,
                     batch_size: int | None, steps: int, layers: list[int], cache: Any, acts: Tensor,
                     state: dict[str, Tensor], progress_bar: bool) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """The chosen path's generator of ``(j, q, g)`` gradient rows for :func:`accumulate` (Eq. 15),
@@ -170,7 +170,7 @@ def _path_gradients(path: str, model: Any, weights: Any, tokens: Tensor, positio
     return _full_gradients(model, tokens, positions, alphas, batch_size or steps, layers, acts, progress_bar)
 
 
-def _choose_path(model: Any, implementation: str, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any,
+def _choose_path(model: Model, implementation: str, tokens: Tensor, prefix_len: int, clean: Tensor, cache: Any,
                  acts: Tensor, state: dict[str, Tensor], layers: list[int], positions: list[int], steps: int,
                  batch_size: int | None) -> tuple[str, Any]:
     """The path to run (and the direct path's weights), by the self-checks described in
@@ -222,7 +222,7 @@ def _chosen(path: str, err: float, tol: float) -> str:
 _STATE_HOOKS = {"resid_mid": "resid_mid", "k": "k", "v": "v"}
 
 
-def _clean_run(model: Any, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[str, Tensor]]:
+def _clean_run(model: Model, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[str, Tensor]]:
     """Clean forward filling a DynamicCache; returns logits, cache, h [layer, seq, d_mlp] and the
     direct path's state: ``resid_mid`` [layer, seq, d_model], ``k``/``v`` [layer, seq, head, d_head]
     (empty dict where the model lacks those hooks)."""
@@ -251,7 +251,7 @@ def _clean_run(model: Any, tokens: Tensor) -> tuple[Tensor, Any, Tensor, dict[st
     return logits.detach(), cache, acts, state
 
 
-def _full_gradients(model: Any, tokens: Tensor, positions: list[int], alphas: Tensor, batch_size: int,
+def _full_gradients(model: Model, tokens: Tensor, positions: list[int], alphas: Tensor, batch_size: int,
                     layers: list[int], acts: Tensor, progress_bar: bool) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """The authors' loop: per (layer, position), forwards of ``[p, s_<t]`` with ``batch_size`` of the
     scaled copies batched; yields ``(j, q, g)`` rows like the fast paths."""

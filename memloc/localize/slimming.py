@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..borrow import borrowed
+from ..models import Model
 from ._common import prepare_sequence
 from ._masks import DEFAULT_LAM, check_mask_args, train_masks
 
@@ -24,7 +25,7 @@ def l1_regularizer(mask: Float[Tensor, "layer neuron"], start_layer: int = 0) ->
     return m.abs().sum() / m.numel()
 
 
-def slimming(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def slimming(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
              lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
              max_steps: int = 500, stop_loss: float = 0.1, stop_mem_margin: float | None = 0.5,
              check_every: int = 10, start_layer: int = 0, progress_bar: bool = True,

@@ -29,7 +29,7 @@ from torch import Tensor
 from .._checks import check_layers, check_positive_int
 from .._progress import progress
 from ..borrow import borrowed
-from ..models import hook_name, neuron_hook_name
+from ..models import Model, hook_name, neuron_hook_name
 from ._common import (capture_clean, check_tolerance, logits_at, memorization_loss, mlp_out_is_linear,
                       prepare_sequence, run_blocks_from, suffix_positions, w_out)
 
@@ -38,7 +38,7 @@ __all__ = ["zero_out"]
 logger = logging.getLogger(__name__)
 
 
-def zero_out(model: Any, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
+def zero_out(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
              batch_size: int = 64, layers: list[int] | None = None,
              neurons: Sequence[int] | Tensor | None = None, compute_dtype: torch.dtype | str | None = None,
              progress_bar: bool = True) -> Float[Tensor, "layer neuron"]:
@@ -146,7 +146,7 @@ def _compute_dtype(compute_dtype: Any, model_dtype: torch.dtype) -> torch.dtype:
     return compute_dtype
 
 
-def _fast_path_applies(model: Any, acts: dict[str, Tensor], layers: list[int]) -> bool:
+def _fast_path_applies(model: Model, acts: dict[str, Tensor], layers: list[int]) -> bool:
     """Whether every scored layer's MLP output is linear in ``hook_post`` (the fast path's premise),
     logged as the chosen path (INFO), or as a WARNING with the cost of the full-forward path."""
     n_layers = int(model.cfg.n_layers)
@@ -166,7 +166,7 @@ def _fast_path_applies(model: Any, acts: dict[str, Tensor], layers: list[int]) -
     return False
 
 
-def _masked_forward(model: Any, tokens: Tensor, layer: int, idx: Tensor) -> Tensor:
+def _masked_forward(model: Model, tokens: Tensor, layer: int, idx: Tensor) -> Tensor:
     """Full forward of ``len(idx)`` copies of the sequence, copy b with neuron ``idx[b]`` zeroed."""
     b = len(idx)
 

@@ -107,7 +107,7 @@ def activation_gradient_heatmap(df: pd.DataFrame, component: str = "v", layer: i
                                 title: str | None = None) -> go.Figure:
     """Fig. 6 top: head x position heatmap of one layer's activation gradients (x labels: decoded tokens)."""
     from ..gradients import activation_gradient_tensor
-    from .perturbation import _unique_labels
+    from .perturbation import unique_labels
 
     t = activation_gradient_tensor(df, component, paragraph=paragraph)
     if not 0 <= layer < t.shape[0]:
@@ -117,7 +117,7 @@ def activation_gradient_heatmap(df: pd.DataFrame, component: str = "v", layer: i
     if token_labels is not None:
         if len(token_labels) < z.shape[1]:
             raise ValueError(f"token_labels has {len(token_labels)} entries for {z.shape[1]} positions")
-        x = _unique_labels(list(token_labels)[: z.shape[1]])
+        x = unique_labels(list(token_labels)[: z.shape[1]])
     heads = sorted(df[df["component"] == component]["head"].unique())
     fig = go.Figure(go.Heatmap(z=z, x=x, y=[f"H{h}" if h >= 0 else component for h in heads], colorscale="Viridis"))
     fig.update_layout(title=title or f"Activation gradients of {component}, layer {layer}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,10 +10,19 @@ from jaxtyping import Int
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-__all__ = ["perturbation_bars", "perturbation_by_position", "token_labels"]
+from ..models import Model
+
+__all__ = ["perturbation_bars", "perturbation_by_position", "token_labels", "unique_labels"]
 
 
-def token_labels(model_or_tokenizer: Any, ids: Sequence[int] | Int[Tensor, "n"]) -> list[str]:
+@runtime_checkable
+class _Tokenizer(Protocol):
+    """Anything that decodes token ids (a Hugging Face tokenizer)."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def token_labels(model_or_tokenizer: Model | _Tokenizer, ids: Sequence[int] | Int[Tensor, "n"]) -> list[str]:
     """Decoded token strings for axis labels (``model.to_str_tokens`` or a tokenizer's ``decode``)."""
     ids = [int(i) for i in ids]
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
@@ -24,8 +33,10 @@ def token_labels(model_or_tokenizer: Any, ids: Sequence[int] | Int[Tensor, "n"])
     raise ValueError("model_or_tokenizer must be a model with a tokenizer or a tokenizer with decode()")
 
 
-def _unique_labels(labels: Sequence[str]) -> list[str]:
-    """Category axes merge equal labels: make each position's label unique with invisible padding."""
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """Axis labels for a category axis, one per position: plotly merges equal category labels, so
+    each label gets ``i`` invisible zero-width spaces (its position) appended; blank labels are
+    shown by their ``repr`` and newlines as ``\\n``."""
     out = []
     for i, s in enumerate(labels):
         s = s.replace("\n", "\\n") if s.strip() else repr(s)
@@ -60,7 +71,7 @@ def perturbation_bars(df: pd.DataFrame, token_labels: Sequence[str] | None = Non
     if token_labels is not None:
         if len(token_labels) <= max(pos):
             raise ValueError(f"token_labels has {len(token_labels)} entries; positions go up to {max(pos)}")
-        x = _unique_labels([token_labels[p] for p in pos])
+        x = unique_labels([token_labels[p] for p in pos])
     else:
         x = [str(p) for p in pos]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06,

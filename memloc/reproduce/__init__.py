@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..borrow import borrowed
 from ..data import ParagraphSet
+from ..models import Model
 from ._format import fmt_duration
 from .claims import CLAIMS, claims_ledger, claims_markdown, compare_claims, write_claims
 from .context import RunContext, build_context, check_stages
@@ -71,7 +72,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'memloc.reproduce' has no attribute {name!r}")
 
 
-def reproduce(model: Any, out_dir: str | Path = "memloc-out", *, quick: bool = False,
+def reproduce(model: Model, out_dir: str | Path = "memloc-out", *, quick: bool = False,
               settings: Settings | None = None, paragraphs: ParagraphSet | None = None,
               non_memorized_max_em: int | None = None, frequencies: Int[Tensor, "vocab"] | None = None,
               stages: Sequence[str] | None = None, cache_dir: str | Path | None = ".memloc_cache", png: bool = True,

@@ -15,6 +15,7 @@ from torch import Tensor
 from .._checks import check_positive_int, check_tokens
 from ..cache import ContentCache, digest, model_fingerprint
 from ..data import BundledProfile, ParagraphSet, bundled_profile, concat_paragraph_sets, can_retokenize
+from ..models import Model
 from .settings import CSV_FLOAT_FORMAT, STAGES, ReproduceResult, Settings
 
 logger = logging.getLogger("memloc.reproduce")
@@ -43,7 +44,7 @@ class RunContext:
         notes: lines for the report's Notes section.
     """
 
-    model: Any
+    model: Model
     settings: Settings
     result: ReproduceResult
     paragraphs: ParagraphSet | None
@@ -115,7 +116,7 @@ def check_stages(stages: Sequence[str] | None) -> list[str]:
     return [s for s in STAGES if s in names]
 
 
-def _check_inputs(model: Any, settings: Any, paragraphs: Any, frequencies: Any) -> None:
+def _check_inputs(model: Model, settings: Any, paragraphs: Any, frequencies: Any) -> None:
     if not isinstance(settings, Settings):
         raise ValueError(f"settings must be a memloc.reproduce.Settings, got {type(settings).__name__}")
     for name in ("n_mp", "n_nmp", "n_perturb", "n_finetune", "inj_n", "del_set_size", "del_targets", "n_patching",
@@ -131,7 +132,7 @@ def _check_inputs(model: Any, settings: Any, paragraphs: Any, frequencies: Any) 
 
 
 
-def _pool(model: Any, paragraphs: ParagraphSet | None, profile: BundledProfile | None,
+def _pool(model: Model, paragraphs: ParagraphSet | None, profile: BundledProfile | None,
           non_memorized_max_em: int | None, notes: list[str]) -> tuple[ParagraphSet | None, int | None]:
     """The paragraph pool and its NMP threshold (validated)."""
     if paragraphs is None and profile is not None:
@@ -168,7 +169,7 @@ def _own_data(profile: BundledProfile | None, paragraphs: ParagraphSet | None) -
     return profile is not None and (paragraphs is None or paragraphs.tokenizer == profile.name)
 
 
-def _frequencies(model: Any, profile: BundledProfile | None, paragraphs: ParagraphSet | None,
+def _frequencies(model: Model, profile: BundledProfile | None, paragraphs: ParagraphSet | None,
                  frequencies: Tensor | None) -> tuple[Tensor | None, str]:
     if frequencies is not None:
         return frequencies, "the given corpus frequencies"
@@ -206,7 +207,7 @@ def _tuning(profile: BundledProfile | None, paragraphs: ParagraphSet | None, sta
 QUICK_ZERO_OUT_MAX_NEURONS = 40_000
 
 
-def build_context(model: Any, out_dir: str | Path, *, settings: Settings, stages: list[str],
+def build_context(model: Model, out_dir: str | Path, *, settings: Settings, stages: list[str],
                   paragraphs: ParagraphSet | None, non_memorized_max_em: int | None, frequencies: Tensor | None,
                   cache_dir: str | Path | None, png: bool, model_name: str, progress_bar: bool,
                   quick: bool) -> RunContext:
