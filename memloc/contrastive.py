@@ -25,7 +25,7 @@ from ._checks import check_choice, check_positive_int, check_seed
 from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed
-from .contrastive_objective import (OBJECTIVES, _check_objective_targets, _check_sets, continuation_logits,
+from .contrastive_objective import (OBJECTIVES, check_objective_targets, check_contrastive_sets, continuation_logits,
                                     contrastive_loss, eligible_parameters, reference_logits)
 from .finetune import MASKS, finetune_mask, sparse_finetune
 from .gradients import parameter_components
@@ -83,8 +83,8 @@ def contrastive_gradients(model: Model, memorized: Int[Tensor, "n seq"], non_mem
     W_K, W_V, W_O, W_in, W_out[, W_gate]; head = -1 for MLP blocks), one row per block.  See
     :func:`top_components` for the most salient blocks.  ``.grad`` is never touched.
     """
-    mp, nmp = _check_sets(model, memorized, non_memorized, prefix_len)
-    edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
+    mp, nmp = check_contrastive_sets(model, memorized, non_memorized, prefix_len)
+    edit_seq = check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_positive_int(n_nmp_per_batch, "n_nmp_per_batch")
     if n_nmp_per_batch > len(nmp):
         raise ValueError(f"n_nmp_per_batch={n_nmp_per_batch} exceeds the {len(nmp)} NMPs given")

@@ -41,7 +41,8 @@ from .gradients import parameter_components
 from .metrics import suffix_nll
 from .models import Model
 
-__all__ = ["OBJECTIVES", "eligible_parameters", "continuation_logits", "reference_logits", "contrastive_loss"]
+__all__ = ["OBJECTIVES", "eligible_parameters", "continuation_logits", "reference_logits", "contrastive_loss",
+           "contrastive_loss_from_logits", "check_contrastive_sets", "check_objective_targets"]
 
 OBJECTIVES = ("unlearn", "edit")
 
@@ -50,8 +51,11 @@ OBJECTIVES = ("unlearn", "edit")
 # validation helpers
 # ----------------------------------------------------------------------------------------------
 
-def _check_sets(model: Model, memorized: Any, non_memorized: Any, prefix_len: Any, *, mp_name: str = "memorized",
-                nmp_name: str = "non_memorized") -> tuple[Tensor, Tensor]:
+def check_contrastive_sets(model: Model, memorized: Any, non_memorized: Any, prefix_len: Any, *,
+                           mp_name: str = "memorized", nmp_name: str = "non_memorized"
+                           ) -> tuple[Int[Tensor, "n seq"], Int[Tensor, "N seq"]]:
+    """Validate the MP and NMP token sets of the contrastive objective (Stoehr Eq. 3-4) and the
+    prefix length against both (ValueError naming the argument); returns them as token tensors."""
     mp = check_tokens(model, memorized, None, name=mp_name)
     nmp = check_tokens(model, non_memorized, None, name=nmp_name)
     check_prefix_len(prefix_len, mp.shape[1])
@@ -80,7 +84,10 @@ def _edit_sequences(model: Model, memorized: Tensor, edit_targets: Any, prefix_l
                      f"got {tuple(tgt.shape)}")
 
 
-def _check_objective_targets(model: Model, objective: Any, mp: Tensor, edit_targets: Any, prefix_len: int) -> Tensor | None:
+def check_objective_targets(model: Model, objective: Any, mp: Int[Tensor, "n seq"], edit_targets: Any,
+                            prefix_len: int) -> Int[Tensor, "n seq"] | None:
+    """Validate ``objective`` (``"unlearn"``: CO↓, Eq. 3; ``"edit"``: CO↔, Eq. 4) with its
+    ``edit_targets``; returns the whole edit paragraphs [n, seq] for editing, None for unlearning."""
     check_choice(objective, "objective", OBJECTIVES)
     if objective == "edit":
         return _edit_sequences(model, mp, edit_targets, prefix_len)
@@ -162,8 +169,8 @@ def contrastive_loss(model: Model, memorized: Int[Tensor, "n seq"], non_memorize
     ``contrastive_loss(model, memorized, prefix_len, non_memorized)`` still works, with a
     DeprecationWarning.
     """
-    mp, nmp = _check_sets(model, memorized, non_memorized, prefix_len)
-    edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
+    mp, nmp = check_contrastive_sets(model, memorized, non_memorized, prefix_len)
+    edit_seq = check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     T = nmp.shape[1] - prefix_len
     if reference_logits is not None:
         if not isinstance(reference_logits, Tensor) or tuple(reference_logits.shape) != (len(nmp), T, model.cfg.d_vocab):
@@ -198,7 +205,10 @@ def _co_terms(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Te
     return (-nll if objective == "unlearn" else nll) + kl, nll, kl
 
 
-def _co_from_logits(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Tensor, prefix_len: int,
-                    objective: str) -> Tensor:
-    """Stoehr Eq. 3 / 4 from continuation logits (the arithmetic of :func:`contrastive_loss`)."""
+def contrastive_loss_from_logits(target_logits: Float[Tensor, "n T vocab"], nmp_logits: Float[Tensor, "N T vocab"],
+                                 target: Int[Tensor, "n seq"], ref: Float[Tensor, "N T vocab"], prefix_len: int,
+                                 objective: str) -> Float[Tensor, ""]:
+    """Stoehr Eq. 3 / 4 from continuation logits (the arithmetic of :func:`contrastive_loss`, for
+    callers that run their own forward, e.g. the partial forwards of sparse fine-tuning):
+    ``∓ NLL(target continuation) + KL(p_θ ‖ p_θ₀)`` on the NMPs, ``ref`` the θ₀ logits."""
     return _co_terms(target_logits, nmp_logits, target, ref, prefix_len, objective)[0]

@@ -24,7 +24,7 @@ from ._checks import check_choice, check_fraction, check_positive_int, check_see
 from ._deprecation import renamed_kwargs
 from ._progress import progress
 from .borrow import borrowed, trainable_only
-from .contrastive_objective import (_check_objective_targets, _check_sets, _co_from_logits, _reference,
+from .contrastive_objective import (check_objective_targets, check_contrastive_sets, contrastive_loss_from_logits,
                                     contrastive_loss, eligible_parameters, reference_logits)
 from .metrics import em_from_generations, greedy_continuation, teacher_forced
 from .models import Model
@@ -69,8 +69,8 @@ def _co_gradients(model: Model, names: list[str], mp: Tensor, nmp: Tensor, prefi
 
 
 def _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction, seed, edit_targets):
-    mp, nmp = _check_sets(model, memorized, non_memorized, prefix_len)
-    edit_seq = _check_objective_targets(model, objective, mp, edit_targets, prefix_len)
+    mp, nmp = check_contrastive_sets(model, memorized, non_memorized, prefix_len)
+    edit_seq = check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_choice(mask, "mask", MASKS)
     check_fraction(fraction, "fraction")
     check_seed(seed)
@@ -98,7 +98,8 @@ def finetune_mask(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: 
             return _mask_from_scores({n: params[n].detach() for n in names}, mask, fraction, seed)
         for n in names:
             params[n].requires_grad_(True)
-        ref = _reference(model, nmp, prefix_len)
+        with torch.no_grad():  # θ₀ logits in one batch, as contrastive_loss computes them
+            ref = reference_logits(model, nmp, prefix_len, batch_size=len(nmp))
         grads = _co_gradients(model, names, mp, nmp, prefix_len, objective, edit_seq, ref)
         return _mask_from_scores(grads, mask, fraction, seed)
 
@@ -375,6 +376,6 @@ def _train_loss(model: Model, train_fwd: Any, mp: Tensor, nmp: Tensor, idx: Tens
     if train_fwd is not None:
         sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
         logits = train_fwd(train_fwd.resid[sel]).float()
-        return _co_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len, objective)
+        return contrastive_loss_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len, objective)
     return contrastive_loss(model, mp, nmp[idx], prefix_len, objective=objective, edit_targets=edit_seq,
                             reference_logits=ref[idx])

@@ -132,6 +132,8 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     f"{CO}.contrastive_loss": lambda m, d: _c(f"{CO}.contrastive_loss")(m, d.x, d.nmp, P),
     f"{CO}.eligible_parameters": lambda m, d: _c(f"{CO}.eligible_parameters")(m),
     f"{CO}.reference_logits": lambda m, d: _c(f"{CO}.reference_logits")(m, d.nmp, P),
+    f"{CO}.check_contrastive_sets": lambda m, d: _c(f"{CO}.check_contrastive_sets")(m, d.x, d.nmp, P),
+    f"{CO}.check_objective_targets": lambda m, d: _c(f"{CO}.check_objective_targets")(m, "edit", d.x, d.nmp[:, P:], P),
     "memloc.finetune.finetune_mask": lambda m, d: _c("memloc.finetune.finetune_mask")(m, d.x, d.nmp, P),
     "memloc.finetune.sparse_finetune": lambda m, d: _c("memloc.finetune.sparse_finetune")(
         m, d.x, d.nmp, P, steps=1, n_nmp_per_batch=2, progress_bar=False),
