@@ -113,18 +113,20 @@ def eligible_parameters(model: Model) -> list[str]:
 # the objective
 # ----------------------------------------------------------------------------------------------
 
-def continuation_logits(model: Model, tokens: Int[Tensor, "batch seq"], prefix_len: int) -> Float[Tensor, "batch T vocab"]:
+def continuation_logits(model: Model, tokens: Int[Tensor, "batch seq"],
+                        prefix_len: int) -> Float[Tensor, "batch T vocab"]:
     """Logits that predict the continuation tokens ``tokens[:, prefix_len:]`` (positions
     ``prefix_len-1 .. seq-2``), with gradients if enabled; float32."""
     return model(tokens)[:, prefix_len - 1:-1].float()
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reference_logits(model: Model, non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
                      batch_size: int = 64) -> Float[Tensor, "N T vocab"]:
     """The θ₀ side of the KL term of Stoehr Eq. 3-4: the current model's continuation logits on
-    the NMPs, detached.  Compute once before editing the weights and pass to
-    :func:`contrastive_loss` as ``reference_logits``."""
+    the NMPs, detached (computed without building a graph).  Compute once before editing the
+    weights and pass to :func:`contrastive_loss` as ``reference_logits``."""
     nmp = check_tokens(model, non_memorized, prefix_len, name="non_memorized")
     check_positive_int(batch_size, "batch_size")
     out = [continuation_logits(model, nmp[i:i + batch_size], prefix_len) for i in range(0, len(nmp), batch_size)]
@@ -192,9 +194,9 @@ def contrastive_loss(model: Model, memorized: Int[Tensor, "n seq"], non_memorize
     return loss
 
 
-@torch.no_grad()
 def _reference(model: Model, nmp: Tensor, prefix_len: int) -> Tensor:
-    return continuation_logits(model, nmp, prefix_len).detach()
+    # contrastive_loss's argument ``reference_logits`` shadows the function there
+    return reference_logits(model, nmp, prefix_len, batch_size=len(nmp))
 
 
 def _co_terms(target_logits: Tensor, nmp_logits: Tensor, target: Tensor, ref: Tensor, prefix_len: int,

@@ -98,8 +98,7 @@ def finetune_mask(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: 
             return _mask_from_scores({n: params[n].detach() for n in names}, mask, fraction, seed)
         for n in names:
             params[n].requires_grad_(True)
-        with torch.no_grad():  # θ₀ logits in one batch, as contrastive_loss computes them
-            ref = reference_logits(model, nmp, prefix_len, batch_size=len(nmp))
+        ref = reference_logits(model, nmp, prefix_len, batch_size=len(nmp))  # θ₀ logits, one batch
         grads = _co_gradients(model, names, mp, nmp, prefix_len, objective, edit_seq, ref)
         return _mask_from_scores(grads, mask, fraction, seed)
 
@@ -376,6 +375,7 @@ def _train_loss(model: Model, train_fwd: Any, mp: Tensor, nmp: Tensor, idx: Tens
     if train_fwd is not None:
         sel = torch.cat([torch.arange(len(target)), len(target) + idx.cpu()]).to(train_fwd.resid.device)
         logits = train_fwd(train_fwd.resid[sel]).float()
-        return contrastive_loss_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len, objective)
+        return contrastive_loss_from_logits(logits[:len(target)], logits[len(target):], target, ref[idx], prefix_len,
+                                            objective)
     return contrastive_loss(model, mp, nmp[idx], prefix_len, objective=objective, edit_targets=edit_seq,
                             reference_logits=ref[idx])
