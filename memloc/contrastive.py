@@ -30,6 +30,7 @@ from .contrastive_objective import (OBJECTIVES, check_objective_targets, check_c
 from .finetune import MASKS, finetune_mask, sparse_finetune
 from .gradients import parameter_components
 from .models import Model
+from .placement import require_resident_weights
 
 __all__ = [
     "OBJECTIVES", "MASKS", "eligible_parameters", "continuation_logits", "reference_logits", "contrastive_loss",
@@ -83,6 +84,7 @@ def contrastive_gradients(model: Model, memorized: Int[Tensor, "n seq"], non_mem
     W_K, W_V, W_O, W_in, W_out[, W_gate]; head = -1 for MLP blocks), one row per block.  See
     :func:`top_components` for the most salient blocks.  ``.grad`` is never touched.
     """
+    require_resident_weights(model, "contrastive_gradients")
     mp, nmp = check_contrastive_sets(model, memorized, non_memorized, prefix_len)
     edit_seq = check_objective_targets(model, objective, mp, edit_targets, prefix_len)
     check_positive_int(n_nmp_per_batch, "n_nmp_per_batch")

@@ -28,6 +28,7 @@ from .contrastive_objective import (check_objective_targets, check_contrastive_s
                                     contrastive_loss, eligible_parameters, reference_logits)
 from .metrics import em_from_generations, greedy_continuation, teacher_forced
 from .models import Model
+from .placement import require_resident_weights
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def finetune_mask(model: Model, memorized: Int[Tensor, "n seq"], non_memorized: 
     layer or per component; CO over the whole MP set and NMP set); ``"random"``: as many weights
     drawn uniformly at random (``seed``); ``"all"``: every eligible weight.
     """
+    require_resident_weights(model, "finetune_mask")
     mp, nmp, edit_seq = _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
     with borrowed(model):
@@ -223,6 +225,7 @@ def sparse_finetune(model: Model, memorized: Int[Tensor, "n seq"], non_memorized
     continuation positions (:func:`memloc.localize._common.partial_forward`, checked once against
     a full forward; otherwise full forwards after a WARNING).
     """
+    require_resident_weights(model, "sparse_finetune")
     mp, nmp, edit_seq = _check_finetune_args(model, memorized, non_memorized, prefix_len, objective, mask, fraction,
                                              seed, edit_targets)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

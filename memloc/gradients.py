@@ -46,6 +46,7 @@ from .borrow import borrowed, trainable_only
 from .components import ATTN_COMPONENTS, MLP_COMPONENTS, ParamComponent, parameter_components
 from .metrics import suffix_nll
 from .models import Model, hook_name
+from .placement import require_resident_weights
 
 __all__ = ["ParamComponent", "parameter_components", "parameter_gradients", "parameter_gradients_by_group",
            "parameter_gradient_tensor", "em_bins", "EM_BINS", "attention_mlp_totals", "activation_gradients",
@@ -127,6 +128,7 @@ def parameter_gradients(model: Model, tokens: Int[Tensor, "n seq"], prefix_len: 
         Tidy DataFrame ``[paragraph,] layer, component, head, label, block, value`` with ``head = -1``
         for MLP weights, ``label`` like ``"W_V H2"`` and ``block`` ``"attn"``/``"mlp"``.
     """
+    require_resident_weights(model, "parameter_gradients")
     tokens = _check_common(model, tokens, prefix_len, pooling, batch_size)
     if not isinstance(per_paragraph, bool):
         raise ValueError(f"per_paragraph must be a bool, got {per_paragraph!r}")

@@ -164,6 +164,27 @@ def _loading_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _check_placement(device: Any, device_map: Any, max_memory: Any, offload_folder: Any,
+                     process_weights: bool) -> None:
+    """ValueError, before any loading, for placement arguments that cannot go together."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder only apply with device_map (e.g. device_map='auto')")
+        return
+    if device is not None:
+        raise ValueError(f"device and device_map exclude each other (got device={device!r} and device_map="
+                         f"{device_map!r}); pass device_map alone to place a model across devices")
+    if not isinstance(device_map, (str, dict)):
+        raise ValueError(f"device_map must be a string such as 'auto' or a dict from module name to device, "
+                         f"got {type(device_map).__name__}")
+    if process_weights:
+        raise ValueError("process_weights=True cannot be combined with device_map: TransformerLens folds and "
+                         "centers weights only on a model held on one device; keep process_weights=False")
+    if isinstance(device_map, dict) and "disk" in {str(v).lower() for v in device_map.values()} \
+            and offload_folder is None:
+        raise ValueError("device_map offloads modules to 'disk': pass offload_folder=DIR for their weights")
+
+
 def _offline_message(target: str, reason: str) -> str:
     return (f"could not load model {target!r} from the Hugging Face hub: {reason}, and it is not in the local "
             "Hugging Face cache. If this machine is offline, download the model elsewhere and pass its local "
@@ -171,7 +192,10 @@ def _offline_message(target: str, reason: str) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, process_weights: bool = False) -> Model:
+               dtype: torch.dtype = torch.float32, process_weights: bool = False,
+               device_map: str | dict[str, str | int] | None = None,
+               max_memory: dict[str | int, str | int] | None = None,
+               offload_folder: str | os.PathLike | None = None) -> Model:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
     (Over 80 lines through this docstring and the distinct, early error messages for a missing
@@ -187,6 +211,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
             (``enable_compatibility_mode(no_processing=True)``), so parameter gradients refer to
             the real weights; if True, LayerNorm is folded and weights centered as in
             HookedTransformer. Neuron activations (``mlp.hook_post``) are the same either way.
+        device_map: a model too large for one device: Hugging Face's placement (``"auto"``,
+            ``"balanced"``, or a dict from module name to ``"cuda:N"`` / N / ``"cpu"`` / ``"disk"``),
+            handed to TransformerLens's ``boot_transformers`` and from there to accelerate (memloc
+            has no sharding scheme of its own).  Excludes ``device``.  TransformerLens 4.3 accepts
+            all-GPU maps and all-CPU/disk maps, and refuses a map that mixes a GPU with CPU/disk
+            offload.  Which memloc paths hold on such a model: README, "Beyond one GPU".
+        max_memory: per-device budget for ``device_map="auto"`` (e.g. ``{0: "20GiB", "cpu": "64GiB"}``).
+        offload_folder: where accelerate writes the weights a ``"disk"`` entry offloads.
 
     Returns:
         The bridge, in eval mode.
@@ -201,7 +233,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, torch.float16 or "
                          f"torch.float64), got {dtype!r}")
-    device = str(device) if device is not None else "cpu"
+    _check_placement(device, device_map, max_memory, offload_folder, process_weights)
+    device = str(device) if device is not None else ("cpu" if device_map is None else None)
     offline = False
     if name_or_path in TINY_NAMES:
         path = tiny_model_dir()
@@ -239,7 +272,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
 
     try:
         with _hub_offline() if offline else contextlib.nullcontext(), _loading_bars(progress_enabled()):
-            bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+            placement = {} if device_map is None else {
+                "device_map": device_map, "max_memory": max_memory,
+                "offload_folder": None if offload_folder is None else os.fspath(offload_folder)}
+            bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, **placement)
     except Exception as exc:  # network or hub errors come in many types
         if Path(target).is_dir():
             raise
@@ -253,6 +289,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     recorded = None if name_or_path in TINY_NAMES else (str(Path(target).resolve()) if Path(target).is_dir() else target)
     _LOAD_ARGS[bridge] = {"name_or_path": recorded,
                           "device": device, "dtype": dtype, "process_weights": bool(process_weights)}
+    if device_map is not None:
+        _LOAD_ARGS[bridge].update(device_map=device_map, max_memory=max_memory,
+                                  offload_folder=None if offload_folder is None else os.fspath(offload_folder))
     alias_kv_cache_kwarg(bridge)
     return bridge
 

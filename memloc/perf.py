@@ -38,14 +38,17 @@ loop run in that dtype, which separates what the fast path loses from what the d
 Pipeline rows (``pipeline/*``, embedded model, float32): see :mod:`memloc.perf_pipeline`.
 
 Extrapolation (``extrapolated`` column): on the GPT-Neo-125M-shaped random model the exhaustive
-runs are too long for a CPU, so ZERO-OUT (fast and reference) is timed on the same subset of
-neurons in every layer and both times are scaled by ``d_mlp / subset`` (per-neuron cost does not
-depend on which neurons); IG fast is timed on a few evenly spaced suffix positions for all layers
-and scaled by ``T / positions``, and the reference on the middle suffix position for a subset of
+runs are too long for a CPU, so ZERO-OUT (fast and reference) is timed on a subset of neurons in
+every layer (whole batches) and on its first half, and extrapolated linearly to ``d_mlp``
+(:func:`extrapolated_seconds`: the fixed cost of a call - clean forward, self-checks, weight
+copies - is counted once, as in the full run; per-neuron cost does not depend on which neurons);
+IG fast is timed likewise on a few evenly spaced suffix positions and every other one of them, for
+all layers, and extrapolated to ``T``; the reference on the middle suffix position for a subset of
 layers (its cost per (layer, position) does not depend on the layer and grows linearly with the
 position, so the middle position is the average) and scaled by ``n_layers * T / calls``.  In
 ``--quick`` mode the embedded model uses such subsets too.  ``max_abs_diff`` always compares the
-fast and reference scores on exactly the neurons/positions/layers both computed.
+fast and reference scores on exactly the neurons/positions/layers both computed.  On a GPU every
+(model, dtype) starts with two untimed forward+backward passes (CUDA and cuBLAS initialisation).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ from .localize._common import memorization_loss, suffix_positions
 from .localize.reference import reference_integrated_gradients, reference_zero_out
 from .models import Model, load_model
 
-__all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m", "timed"]
+__all__ = ["MODELS", "DTYPES", "run_perf", "format_table", "build_random_gpt_neo_125m", "timed",
+           "extrapolated_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +199,8 @@ def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
     """Rows for one (model, dtype), and the scores compared across dtypes (``zero_out``,
     ``zero_out_reference``, ``integrated_gradients``, ``activations``, on fixed neuron subsets)."""
     model, tokens, prefix_len = _load(name, device, dtype, workdir)
+    if str(device or "cpu").startswith("cuda"):  # library/kernel initialisation is not what is measured
+        _plain_fwd_bwd(model, tokens, prefix_len, 2)
     b = _Bench(name, model, tokens.reshape(1, -1), prefix_len, quick, dtype)
     sub, zo_sub, t_zero_out, score_device = _bench_zero_out(b)
     _bench_attribution_patching(b, sub, zo_sub, t_zero_out)
@@ -208,30 +214,54 @@ def bench_model(name: str, *, quick: bool, device: str | None, workdir: Path,
     return b.rows, b.scores
 
 
+def extrapolated_seconds(t_small: float, n_small: int, t_large: float, n_large: int, n_total: int) -> float:
+    """Seconds of a run over ``n_total`` units (neurons, positions) from timed runs over ``n_small``
+    and ``n_large`` of them: ``t_large + (n_total - n_large) * per_unit`` with ``per_unit = (t_large -
+    t_small) / (n_large - n_small)``, so a run's fixed cost (the clean forward, self-checks, weight
+    copies) is counted once, as in the full run, instead of being scaled with the units.  When noise
+    makes ``per_unit`` non-positive, the proportional estimate ``t_large * n_total / n_large``."""
+    if n_total == n_large:
+        return t_large
+    per_unit = (t_large - t_small) / (n_large - n_small)
+    return t_large + (n_total - n_large) * per_unit if per_unit > 0 else t_large * n_total / n_large
+
+
 def _bench_zero_out(b: _Bench) -> tuple[torch.Tensor, torch.Tensor, float, torch.device]:
-    """ZERO-OUT fast vs the authors' loop on a seeded subset of neurons in every layer (times scaled
-    to all neurons).  Returns the subset, the fast scores on it (CPU), the scaled fast seconds and
-    the device of the scores."""
+    """ZERO-OUT fast vs the authors' loop on a seeded subset of neurons in every layer, timed on its
+    first half and on all of it and extrapolated to all neurons (:func:`extrapolated_seconds`; a
+    subset is whole batches, so each half is too).  Returns the subset, the fast scores on it
+    (CPU), the extrapolated fast seconds and the device of the scores."""
     model, tokens, prefix_len = b.model, b.tokens, b.prefix_len
     L, d = model.cfg.n_layers, model.cfg.d_mlp
     bound = L / (sum(L - l for l in range(L)) / L)
     batch = 32 if b.big else 64
-    n_sub = (16 if b.quick else 32) if b.big else (128 if b.quick else d)
+    n_sub = (64 if b.quick else 128) if b.big else (128 if b.quick else d)
     gen = torch.Generator().manual_seed(0)
     sub = torch.randperm(d, generator=gen)[:n_sub].sort().values
-    fast, t_fast = timed(lambda: loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=sub, **_PB))
-    ref, t_ref = timed(lambda: reference_zero_out(model, tokens.to(fast.device), prefix_len, neurons=sub,
-                                                   batch_size=batch))
-    scale = d / n_sub
+    half = sub[: n_sub // 2]
+
+    def fast_run(neurons):
+        return loc.zero_out(model, tokens, prefix_len, batch_size=batch, neurons=neurons, **_PB)
+
+    def ref_run(neurons):
+        return reference_zero_out(model, tokens.to(score_device), prefix_len, neurons=neurons, batch_size=batch)
+
+    fast, t_fast = timed(lambda: fast_run(sub))
+    score_device = fast.device
+    ref, t_ref = timed(lambda: ref_run(sub))
+    if n_sub < d:
+        t_fast = extrapolated_seconds(timed(lambda: fast_run(half))[1], len(half), t_fast, n_sub, d)
+        t_ref = extrapolated_seconds(timed(lambda: ref_run(half))[1], len(half), t_ref, n_sub, d)
     zo_sub = fast[:, sub].cpu()
     b.scores["zero_out"], b.scores["zero_out_reference"] = zo_sub, ref[:, sub]
     speed = t_ref / t_fast
-    b.row(method="zero_out", seconds=t_fast * scale, reference_seconds=t_ref * scale, speedup=speed,
+    b.row(method="zero_out", seconds=t_fast, reference_seconds=t_ref, speedup=speed,
           max_abs_diff=float((zo_sub - ref[:, sub]).abs().max()), bound=bound, achieved_over_bound=speed / bound,
-          batch_size=batch, extrapolated=scale != 1,
-          note=f"{n_sub} of {d} neurons in every layer, times scaled x{scale:g}")
-    logger.info("zero_out %s %s: %.1fs vs %.1fs", b.name, b.dname, t_fast * scale, t_ref * scale)
-    return sub, zo_sub, t_fast * scale, fast.device
+          batch_size=batch, extrapolated=n_sub != d,
+          note=f"timed on {n_sub // 2} and {n_sub} of {d} neurons in every layer, extrapolated linearly"
+          if n_sub != d else "all neurons")
+    logger.info("zero_out %s %s: %.1fs vs %.1fs", b.name, b.dname, t_fast, t_ref)
+    return sub, zo_sub, t_fast, score_device
 
 
 def _bench_attribution_patching(b: _Bench, sub: torch.Tensor, zo_sub: torch.Tensor, t_zero_out: float) -> None:
@@ -259,7 +289,7 @@ def _ig_positions(b: _Bench) -> tuple[list[int], list[int], list[int]]:
     all_pos = list(range(prefix_len - 1, b.tokens.shape[1] - 1))
     mid = [prefix_len - 1 + T // 2]
     if b.big or b.quick:
-        n_pos = 3 if b.big and b.quick else (5 if b.big else 10)
+        n_pos = 4 if b.big and b.quick else (6 if b.big else 10)
         fast_pos = [all_pos[round(i * (T - 1) / (n_pos - 1))] for i in range(n_pos)]
         ref_layers = [L - 1] if (b.big and b.quick) else ([0, L - 1] if b.big else list(range(L)))
         ref_pos = mid if b.big else fast_pos
@@ -297,7 +327,11 @@ def _bench_integrated_gradients(b: _Bench, score_device: torch.device
     fast_pos, ref_layers, ref_pos = _ig_positions(b)
     ig_fast, t_ig, paths = _timed_ig_with_path(b, fast_pos)
     b.scores["integrated_gradients"] = ig_fast.cpu()
-    t_ig_total = t_ig * T / len(fast_pos)
+    t_ig_total = t_ig
+    if len(fast_pos) < T:  # fixed cost (clean run, self-check, weights) counted once
+        half = fast_pos[::2]
+        t_half = _timed_ig_with_path(b, half)[1]
+        t_ig_total = extrapolated_seconds(t_half, len(half), t_ig, len(fast_pos), T)
     ref_ig, t_rig = timed(lambda: reference_integrated_gradients(model, tokens.to(score_device), prefix_len,
                                                                   layers=ref_layers, positions=ref_pos))
     t_rig_total = t_rig * (L * T) / (len(ref_layers) * len(ref_pos))
@@ -307,7 +341,8 @@ def _bench_integrated_gradients(b: _Bench, score_device: torch.device
     b.row(method="integrated_gradients", seconds=t_ig_total, reference_seconds=t_rig_total,
           speedup=t_rig_total / t_ig_total, max_abs_diff=diff, max_rel_diff=rel, path=paths[0] if paths else None,
           extrapolated=len(fast_pos) != T or len(ref_pos) * len(ref_layers) != T * L,
-          note=f"fast timed on {len(fast_pos)} of {T} positions (all layers); reference on "
+          note=f"fast timed on {len(fast_pos[::2])} and {len(fast_pos)} of {T} positions (all layers), extrapolated "
+               f"linearly; reference on "
                f"{len(ref_pos)} positions x {len(ref_layers)} layers; 20 steps")
     logger.info("ig %s %s: %.1fs vs %.1fs (%s path)", b.name, b.dname, t_ig_total, t_rig_total, paths[:1])
     return ig_fast, t_ig, fast_pos, paths

@@ -48,17 +48,26 @@ class ModelSpec:
 
     ``name_or_path=None`` is the embedded model.  :meth:`from_model` reads the arguments that
     :func:`memloc.load_model` recorded for a model it returned; a model built another way (or
-    copied) has none, and the Ray executor then needs ``RayExecutor(model_spec=...)``.
+    copied) has none, and the Ray executor then needs ``RayExecutor(model_spec=...)``.  With
+    ``device_map`` (a model placed across a node's GPUs) each worker boots the model with that map
+    and the worker's device is ignored; give such a worker the node's GPUs (``num_gpus_per_worker``).
     """
 
     name_or_path: str | None = None
     dtype: torch.dtype = torch.float32
     device: str | None = None
     process_weights: bool = False
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
 
     def load(self, device: str | None = None) -> Any:
         from .models import load_model
 
+        if self.device_map is not None:
+            return load_model(self.name_or_path, dtype=self.dtype, process_weights=self.process_weights,
+                              device_map=self.device_map, max_memory=self.max_memory,
+                              offload_folder=self.offload_folder)
         return load_model(self.name_or_path, device=device or self.device, dtype=self.dtype,
                           process_weights=self.process_weights)
 

@@ -143,6 +143,26 @@ def test_call_in_dtype_leaves_module_as_found(models):
     assert state() == every_alias  # every path to every weight: same tensor, same dtype
 
 
+@pytest.mark.parametrize("kind", ["gpt-neo", "llama"])
+def test_zero_out_held_float32_copy_equals_per_call_casts(models, kind, caplog, monkeypatch, unchanged):
+    """A bfloat16 model's float32 re-runs give the same scores, bit for bit, whether the float32 copy
+    of the re-run blocks is held for the call (default when it fits) or cast per call."""
+    import importlib
+
+    zo = importlib.import_module("memloc.localize.zero_out")  # the module (the package attribute is the function)
+    m = models(kind, torch.bfloat16)
+    x = _tokens(m)
+    with unchanged(m):
+        held, _, _ = _run(lambda: loc.zero_out(m, x, PREFIX, layers=[0], neurons=range(16), **FAST), caplog)
+        assert any("holding a torch.float32 copy" in r.getMessage() for r in caplog.records)
+        monkeypatch.setattr(zo, "HOLD_SHARE", 0.0)
+        per_call, _, _ = _run(lambda: loc.zero_out(m, x, PREFIX, layers=[0], neurons=range(16), **FAST), caplog)
+        assert any("casting each re-run block" in r.getMessage() for r in caplog.records)
+    assert torch.isfinite(held[0, :16]).all()
+    assert torch.equal(held, per_call) or torch.equal(held.isnan(), per_call.isnan()) and torch.equal(
+        held.nan_to_num(), per_call.nan_to_num())
+
+
 def test_zero_out_rejects_bad_compute_dtype(models):
     m = models("gpt2", torch.float32)
     for bad in (torch.int32, "int8", "no_such_dtype", 3):

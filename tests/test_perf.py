@@ -54,3 +54,12 @@ def test_run_perf_bad_arguments():
         perf.run_perf(["gpt-j"])
     with pytest.raises(ValueError, match="dtypes"):
         perf.run_perf(["tiny"], dtypes=["int8"])
+
+
+def test_extrapolated_seconds_counts_the_fixed_cost_once():
+    from memloc.perf import extrapolated_seconds
+
+    # 2 s fixed + 0.5 s per unit: 4 s for 4 units, 6 s for 8, hence 2 + 0.5 * 64 = 34 s for 64
+    assert extrapolated_seconds(4.0, 4, 6.0, 8, 64) == 34.0
+    assert extrapolated_seconds(4.0, 4, 6.0, 8, 8) == 6.0           # nothing to extrapolate
+    assert extrapolated_seconds(6.0, 4, 5.0, 8, 64) == 5.0 * 64 / 8  # noise: proportional fallback

@@ -191,6 +191,10 @@ CASES: dict[str, Callable[[Any, Data], Any] | Skip] = {
     "memloc.models.model_device": lambda m, d: _c("memloc.models.model_device")(m),
     "memloc.models.model_facts": lambda m, d: _c("memloc.models.model_facts")(m),
     "memloc.patching.activation_patching": _patching,
+    "memloc.placement.offloaded_modules": lambda m, d: _c("memloc.placement.offloaded_modules")(m),
+    "memloc.placement.require_resident_weights": lambda m, d: _c("memloc.placement.require_resident_weights")(
+        m, "a test"),
+    "memloc.placement.stacked_mlp_param": lambda m, d: _c("memloc.placement.stacked_mlp_param")(m, "W_out"),
     "memloc.perturb.make_pmps": lambda m, d: _c("memloc.perturb.make_pmps")(
         m, d.x, P, positions=[3], drop_unchanged=False, progress_bar=False),
     "memloc.perturb.perturbation_profile": lambda m, d: _c("memloc.perturb.perturbation_profile")(

@@ -20,6 +20,7 @@ from ..ablation import n_selected
 from ..architectures import weight_layout
 from ..borrow import borrowed
 from ..models import Model
+from ..placement import require_resident_weights
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def ffn_value_vectors(model: Model) -> list[ValueVectors]:
     Works through the bridge's ``blocks[l].mlp.out`` component, so it covers GPT-2 (Conv1D),
     GPT-Neo, GPT-NeoX/Pythia and Llama-style gated MLPs (nn.Linear).
     """
+    require_resident_weights(model, "INJ (ffn_value_vectors)")
     names = {id(p): n for n, p in model.named_parameters()}
     d_mlp = int(model.cfg.d_mlp)
     out = []

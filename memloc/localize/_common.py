@@ -9,8 +9,9 @@ activation ... when the input consists of all the tokens before s_t").
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +21,7 @@ from .._checks import check_tokens
 from ..architectures import replayable_block_arguments
 from ..metrics import suffix_nll
 from ..models import Model, hook_name, neuron_hook_name
+from ..placement import stacked_mlp_param
 
 #: The memorization loss (Chang et al. Eq. 6), kept under the name the localization methods use.
 memorization_loss = suffix_nll
@@ -98,30 +100,53 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def call_in_dtype(module: torch.nn.Module, dtype: torch.dtype | None, *args: Any, **kwargs: Any) -> Any:
-    """``module(*args, **kwargs)`` computed in ``dtype``: the ``.data`` of its floating parameters
-    and buffers is swapped for a cast copy during this call and swapped back afterwards (also on
-    exceptions), so the very same tensors, bit for bit, are in place when it returns; only this
-    module's weights exist twice, briefly.  ``None`` or the module's own dtype: a plain call.  Used
-    to recompute a half-precision model's later blocks in float32, where single-neuron effects are
-    below bfloat16's resolution of the residual stream.
+@contextlib.contextmanager
+def weights_in_dtype(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, the ``.data`` of every floating parameter and buffer of ``modules`` that is
+    not in ``dtype`` is a cast copy; on exit (also on exceptions) the original tensors are back, bit
+    for bit.  Tensors reached under several module paths are swapped once.
 
     Why not ``torch.func.functional_call``: the bridge reaches each Hugging Face weight under
     several module paths, and functional_call left some of them in the cast dtype (measured on the
     GPT-Neo bridge in float16); swapping ``.data`` keeps every alias pointing at the same tensor."""
-    first = next(module.parameters(), None)
-    if dtype is None or first is None or first.dtype == dtype:
-        return module(*args, **kwargs)
     swapped: list[tuple[Tensor, Tensor]] = []
+    seen: set[int] = set()
     try:
-        for t in (*module.parameters(), *module.buffers()):  # each tensor once (duplicates removed)
-            if t.is_floating_point() and t.dtype != dtype:
-                swapped.append((t, t.data))
-                t.data = t.data.to(dtype)
-        return module(*_cast(args, dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+        for module in modules:
+            for t in (*module.parameters(), *module.buffers()):
+                if id(t) not in seen and t.is_floating_point() and t.dtype != dtype:
+                    seen.add(id(t))
+                    swapped.append((t, t.data))
+                    t.data = t.data.to(dtype)
+        yield
     finally:
         for t, data in swapped:
             t.data = data
+
+
+def cast_bytes(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> int:
+    """Bytes that :func:`weights_in_dtype` would allocate for ``modules`` in ``dtype``."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) not in seen and t.is_floating_point() and t.dtype != dtype:
+                seen.add(id(t))
+                total += t.numel() * torch.finfo(dtype).bits // 8
+    return total
+
+
+def call_in_dtype(module: torch.nn.Module, dtype: torch.dtype | None, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` computed in ``dtype``: the module's floating weights are cast for
+    this call (:func:`weights_in_dtype`; only this module's weights exist twice, briefly) unless they
+    already are in ``dtype`` (a caller holding cast weights for many calls), and floating arguments
+    are cast.  ``None``: a plain call.  Used to recompute a half-precision model's later blocks in
+    float32, where single-neuron effects are below bfloat16's resolution of the residual stream."""
+    first = next(module.parameters(), None)
+    if dtype is None or first is None:
+        return module(*args, **kwargs)
+    with weights_in_dtype([module], dtype) if first.dtype != dtype else contextlib.nullcontext():
+        return module(*_cast(args, dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
 
 
 def run_blocks_from(model: Model, resid: Float[Tensor, "batch seq d_model"], start: int,
@@ -143,8 +168,9 @@ def logits_at(model: Model, resid: Float[Tensor, "batch pos d_model"], *,
 
 def w_out(model: Model) -> Float[Tensor, "layer neuron d_model"]:
     """Value vectors v_i^l (Chang et al. Eq. 2-3): row i of ``W_out[l]`` is what neuron i writes
-    into the residual stream per unit of activation."""
-    return model.W_out.detach()
+    into the residual stream per unit of activation.  On a model with offloaded blocks
+    (``device_map``), read one block at a time (:func:`memloc.placement.stacked_mlp_param`)."""
+    return stacked_mlp_param(model, "W_out")
 
 
 #: Units in the last place the fast-path self-checks allow in half precision (see check_tolerance).
@@ -187,7 +213,7 @@ def mlp_out_is_linear(model: Model, acts: dict[str, Tensor], layer: int, *, atol
     h = acts[neuron_hook_name(layer)]
     out = acts[hook_name("mlp_out", layer)]
     tol = check_tolerance(h.dtype) if atol is None else atol
-    b = getattr(model, "b_out", None)
+    b = stacked_mlp_param(model, "b_out")
     exact = torch.promote_types(h.dtype, torch.float32)
     pred = h.to(exact) @ w_out(model)[layer].to(exact) + (b[layer].detach().to(exact) if b is not None else 0.0)
     return relative_error(pred, out) < tol

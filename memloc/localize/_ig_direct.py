@@ -89,7 +89,13 @@ def direct_weights(model: Model) -> DirectWeights | None:
     ``scale_attn_by_inverse_layer_idx``), as HF ``GPT2Attention.scaling``."""
 
     from ..architectures import adapter_for
+    from ..placement import offloaded_modules
 
+    if offloaded_modules(model):
+        logger.warning("integrated_gradients: the direct single-token pass needs a resident copy of every weight, "
+                       "but accelerate has offloaded some (device_map with 'cpu'/'disk' entries); using the "
+                       "kv_cache path (single-token forwards through the model: typically 2-4x slower)")
+        return None
     try:
         adapter = adapter_for(model)
         geometry = adapter.attention_geometry(model)  # GPT-Neo windows, GPT-2 scaling (memloc.architectures)
