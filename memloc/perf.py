@@ -234,8 +234,8 @@ def _bench_zero_out(b: _Bench) -> tuple[torch.Tensor, torch.Tensor, float, torch
     model, tokens, prefix_len = b.model, b.tokens, b.prefix_len
     L, d = model.cfg.n_layers, model.cfg.d_mlp
     bound = L / (sum(L - l for l in range(L)) / L)
-    batch = 32 if b.big else 64
-    n_sub = (64 if b.quick else 128) if b.big else (128 if b.quick else d)
+    batch = (16 if b.quick else 32) if b.big else 64
+    n_sub = (2 if b.quick else 4) * batch if b.big else (128 if b.quick else d)  # whole batches, or all
     gen = torch.Generator().manual_seed(0)
     sub = torch.randperm(d, generator=gen)[:n_sub].sort().values
     half = sub[: n_sub // 2]

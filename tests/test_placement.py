@@ -53,32 +53,29 @@ def test_offloaded_weights_read_block_by_block(tiny, offloaded):
         stacked_mlp_param(tiny, "W_Q")
 
 
+def _results(model, tokens, caplog) -> dict:
+    """The analyses compared between a plain and a placed model (IG last, its log records kept)."""
+    seq = tokens[0]
+    out = {
+        "activations": loc.activations(model, seq, PREFIX),
+        "zero_out": loc.zero_out(model, seq, PREFIX, layers=[3], neurons=range(64), progress_bar=False),
+        "hard_concrete": loc.hard_concrete(model, seq, PREFIX, max_steps=5, progress_bar=False),
+        "accuracy": memloc.teacher_forced_accuracy(model, tokens, PREFIX),
+        "em": memloc.exact_match(model, tokens, PREFIX),
+    }
+    caplog.clear()
+    out["ig"] = loc.integrated_gradients(model, seq, PREFIX, layers=[2, 3], positions=[60, 80], progress_bar=False)
+    return out
+
+
 def test_offloaded_model_gives_the_plain_results(tiny, offloaded, seqs, unchanged, caplog):
     tokens, _ = seqs
-    seq = tokens[0]
     with unchanged(offloaded), caplog.at_level(logging.INFO, logger="memloc"):
-        got = {
-            "activations": loc.activations(offloaded, seq, PREFIX),
-            "zero_out": loc.zero_out(offloaded, seq, PREFIX, layers=[3], neurons=range(64), progress_bar=False),
-            "hard_concrete": loc.hard_concrete(offloaded, seq, PREFIX, max_steps=5, progress_bar=False),
-            "accuracy": memloc.teacher_forced_accuracy(offloaded, tokens, PREFIX),
-            "em": memloc.exact_match(offloaded, tokens, PREFIX),
-        }
-        caplog.clear()
-        got["ig"] = loc.integrated_gradients(offloaded, seq, PREFIX, layers=[2, 3], positions=[60, 80],
-                                             progress_bar=False)
+        got = _results(offloaded, tokens, caplog)
     # the direct IG path needs resident weights: a WARNING names the reason, kv_cache is taken
     assert any(r.levelno == logging.WARNING and "offloaded" in r.getMessage() for r in caplog.records)
     assert [getattr(r, "memloc_path", None) for r in caplog.records if hasattr(r, "memloc_path")] == ["kv_cache"]
-    want = {
-        "activations": loc.activations(tiny, seq, PREFIX),
-        "zero_out": loc.zero_out(tiny, seq, PREFIX, layers=[3], neurons=range(64), progress_bar=False),
-        "hard_concrete": loc.hard_concrete(tiny, seq, PREFIX, max_steps=5, progress_bar=False),
-        "accuracy": memloc.teacher_forced_accuracy(tiny, tokens, PREFIX),
-        "em": memloc.exact_match(tiny, tokens, PREFIX),
-        "ig": loc.integrated_gradients(tiny, seq, PREFIX, layers=[2, 3], positions=[60, 80], progress_bar=False),
-    }
-    for name, w in want.items():
+    for name, w in _results(tiny, tokens, caplog).items():
         assert torch.allclose(got[name], w, atol=1e-6, rtol=1e-5, equal_nan=True), name
     assert torch.equal(stacked_mlp_param(offloaded, "W_out"), tiny.W_out.detach())  # the offloaded ones too
     assert torch.isfinite(got["zero_out"][3, :64]).all()
@@ -109,3 +106,13 @@ def test_all_gpu_device_map_matches_a_plain_cuda_load():
     assert set(df["outcome"]) == {"match"}, df[df["outcome"] != "match"].to_string()
     refused = compare("cuda-cpu")
     assert refused["outcome"].tolist() == ["refused at boot"]
+
+
+def test_ray_model_spec_reboots_a_placed_model(offloaded):
+    """Ray workers load the model from its ModelSpec: a device_map load is recorded and replayed."""
+    from memloc.executors import ModelSpec
+
+    spec = ModelSpec.from_model(offloaded)
+    assert spec.device_map == device_map_for("cpu-disk")[1] and spec.offload_folder is not None
+    again = spec.load()
+    assert offloaded_modules(again) == offloaded_modules(offloaded)
