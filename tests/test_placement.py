@@ -116,3 +116,21 @@ def test_ray_model_spec_reboots_a_placed_model(offloaded):
     assert spec.device_map == device_map_for("cpu-disk")[1] and spec.offload_folder is not None
     again = spec.load()
     assert offloaded_modules(again) == offloaded_modules(offloaded)
+
+
+def test_half_precision_offloaded_model_is_left_as_found(tmp_path, seqs, unchanged):
+    """ZERO-OUT re-runs a bfloat16 model's later blocks in float32; on offloaded blocks accelerate
+    replaces the weights it loads for the call, and they must come back in bfloat16 (they stayed
+    float32 before: every later forward then failed with a dtype mismatch)."""
+    _, dmap = device_map_for("cpu-disk")
+    placed = memloc.load_model("tiny", device_map=dmap, offload_folder=tmp_path, dtype=torch.bfloat16)
+    plain = memloc.load_model("tiny", dtype=torch.bfloat16)
+    tokens, _ = seqs
+    kw = dict(layers=[2], neurons=range(32), progress_bar=False)
+    with unchanged(placed):
+        got = loc.zero_out(placed, tokens[0], PREFIX, **kw)
+    torch.testing.assert_close(got, loc.zero_out(plain, tokens[0], PREFIX, **kw), rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(got[2, :32]).all()
+    assert {p.dtype for p in placed.parameters()} == {torch.bfloat16}
+    assert torch.equal(memloc.teacher_forced_accuracy(placed, tokens, PREFIX),
+                       memloc.teacher_forced_accuracy(plain, tokens, PREFIX))

@@ -110,18 +110,31 @@ def weights_in_dtype(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> 
     several module paths, and functional_call left some of them in the cast dtype (measured on the
     GPT-Neo bridge in float16); swapping ``.data`` keeps every alias pointing at the same tensor."""
     swapped: list[tuple[Tensor, Tensor]] = []
+    # an offloaded weight (device_map) is a meta tensor that accelerate *replaces* when it loads it for
+    # a call and again when it unloads it, keeping the dtype it finds: the new meta tensor has to get
+    # its original dtype back through its owner, the old object is no longer in the module
+    offloaded: list[tuple[torch.nn.Module, str, torch.dtype]] = []
     seen: set[int] = set()
     try:
         for module in modules:
-            for t in (*module.parameters(), *module.buffers()):
-                if id(t) not in seen and t.is_floating_point() and t.dtype != dtype:
-                    seen.add(id(t))
-                    swapped.append((t, t.data))
-                    t.data = t.data.to(dtype)
+            for owner in module.modules():
+                for name, t in (*owner._parameters.items(), *owner._buffers.items()):
+                    if t is None or not t.is_floating_point() or t.dtype == dtype:
+                        continue
+                    if t.device.type == "meta":
+                        offloaded.append((owner, name, t.dtype))
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        swapped.append((t, t.data))
+                        t.data = t.data.to(dtype)
         yield
     finally:
         for t, data in swapped:
             t.data = data
+        for owner, name, original in offloaded:
+            t = owner._parameters.get(name, owner._buffers.get(name))
+            if t is not None and t.dtype != original:
+                t.data = t.data.to(original)
 
 
 def cast_bytes(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> int:
