@@ -121,7 +121,6 @@ def continuation_logits(model: Model, tokens: Int[Tensor, "batch seq"],
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reference_logits(model: Model, non_memorized: Int[Tensor, "N seq"], prefix_len: int, *,
                      batch_size: int = 64) -> Float[Tensor, "N T vocab"]:
     """The θ₀ side of the KL term of Stoehr Eq. 3-4: the current model's continuation logits on

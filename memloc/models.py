@@ -235,6 +235,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
                          f"torch.float64), got {dtype!r}")
     _check_placement(device, device_map, max_memory, offload_folder, process_weights)
     device = str(device) if device is not None else ("cpu" if device_map is None else None)
+    placement = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": None if offload_folder is None else os.fspath(offload_folder)}
     offline = False
     if name_or_path in TINY_NAMES:
         path = tiny_model_dir()
@@ -272,9 +275,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
 
     try:
         with _hub_offline() if offline else contextlib.nullcontext(), _loading_bars(progress_enabled()):
-            placement = {} if device_map is None else {
-                "device_map": device_map, "max_memory": max_memory,
-                "offload_folder": None if offload_folder is None else os.fspath(offload_folder)}
             bridge = TransformerBridge.boot_transformers(target, device=device, dtype=dtype, **placement)
     except Exception as exc:  # network or hub errors come in many types
         if Path(target).is_dir():
@@ -289,9 +289,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     recorded = None if name_or_path in TINY_NAMES else (str(Path(target).resolve()) if Path(target).is_dir() else target)
     _LOAD_ARGS[bridge] = {"name_or_path": recorded,
                           "device": device, "dtype": dtype, "process_weights": bool(process_weights)}
-    if device_map is not None:
-        _LOAD_ARGS[bridge].update(device_map=device_map, max_memory=max_memory,
-                                  offload_folder=None if offload_folder is None else os.fspath(offload_folder))
+    _LOAD_ARGS[bridge].update(placement)  # a device_map load is replayed with its placement (Ray workers)
     alias_kv_cache_kwarg(bridge)
     return bridge
 

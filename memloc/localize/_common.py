@@ -116,17 +116,13 @@ def weights_in_dtype(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> 
     offloaded: list[tuple[torch.nn.Module, str, torch.dtype]] = []
     seen: set[int] = set()
     try:
-        for module in modules:
-            for owner in module.modules():
-                for name, t in (*owner._parameters.items(), *owner._buffers.items()):
-                    if t is None or not t.is_floating_point() or t.dtype == dtype:
-                        continue
-                    if t.device.type == "meta":
-                        offloaded.append((owner, name, t.dtype))
-                    if id(t) not in seen:
-                        seen.add(id(t))
-                        swapped.append((t, t.data))
-                        t.data = t.data.to(dtype)
+        for owner, name, t in _castable(modules, dtype):
+            if t.device.type == "meta":
+                offloaded.append((owner, name, t.dtype))
+            if id(t) not in seen:
+                seen.add(id(t))
+                swapped.append((t, t.data))
+                t.data = t.data.to(dtype)
         yield
     finally:
         for t, data in swapped:
@@ -137,16 +133,21 @@ def weights_in_dtype(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> 
                 t.data = t.data.to(original)
 
 
+def _castable(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> Iterator[tuple[torch.nn.Module, str, Tensor]]:
+    """``(owner module, attribute name, tensor)`` of every floating parameter and buffer under
+    ``modules`` that is not in ``dtype``, once per owner (a tensor reached under several module paths
+    comes once per path)."""
+    for module in modules:
+        for owner in module.modules():
+            for name, t in (*owner._parameters.items(), *owner._buffers.items()):
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    yield owner, name, t
+
+
 def cast_bytes(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> int:
     """Bytes that :func:`weights_in_dtype` would allocate for ``modules`` in ``dtype``."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            if id(t) not in seen and t.is_floating_point() and t.dtype != dtype:
-                seen.add(id(t))
-                total += t.numel() * torch.finfo(dtype).bits // 8
-    return total
+    unique = {id(t): t for _, _, t in _castable(modules, dtype)}
+    return sum(t.numel() for t in unique.values()) * torch.finfo(dtype).bits // 8
 
 
 def call_in_dtype(module: torch.nn.Module, dtype: torch.dtype | None, *args: Any, **kwargs: Any) -> Any:

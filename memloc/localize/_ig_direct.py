@@ -87,12 +87,11 @@ class DirectWeights:
             logger.info("integrated_gradients: the direct pass runs in float32 on the CPU (model in %s)", dtype)
 
     def _cast(self, dtype: torch.dtype) -> None:
-        for name, value in vars(self).items():
+        self.ln_final = tuple(t.to(dtype) for t in self.ln_final)
+        self.ln1, self.ln2 = ([tuple(t.to(dtype) for t in pair) for pair in ln] for ln in (self.ln1, self.ln2))
+        for name, value in list(vars(self).items()):
             if isinstance(value, Tensor):
                 setattr(self, name, value.to(dtype))
-            elif isinstance(value, list) and value and isinstance(value[0], tuple):  # LayerNorm (w, b) per layer
-                setattr(self, name, [tuple(t.to(dtype) for t in pair) for pair in value])
-        self.ln_final = tuple(t.to(dtype) for t in self.ln_final)
 
 
 def direct_weights(model: Model) -> DirectWeights | None:

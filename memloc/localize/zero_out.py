@@ -137,6 +137,9 @@ def _held_in(model: Model, layers: list[int], dtype: torch.dtype) -> Any:
     re-runs ~1.6x slower than a float32 model's."""
     from ..placement import offloaded_modules
 
+    if offloaded_modules(model):
+        logger.info("zero_out: casting each re-run block to %s per call (weights offloaded)", dtype)
+        return contextlib.nullcontext()
     modules = [*list(model.blocks)[min(layers) + 1:], model.ln_final, model.unembed]
     need = cast_bytes(modules, dtype)
     device = next(model.parameters()).device
@@ -146,10 +149,9 @@ def _held_in(model: Model, layers: list[int], dtype: torch.dtype) -> Any:
         import psutil  # an accelerate dependency
 
         free = psutil.virtual_memory().available
-    if offloaded_modules(model) or need > HOLD_SHARE * free:
+    if need > HOLD_SHARE * free:
         logger.info("zero_out: casting each re-run block to %s per call (a held copy needs %.2f GiB of %.2f GiB "
-                    "free%s)", dtype, need / 2**30, free / 2**30, ", weights offloaded" if offloaded_modules(model)
-                    else "")
+                    "free)", dtype, need / 2**30, free / 2**30)
         return contextlib.nullcontext()
     logger.info("zero_out: holding a %s copy of the re-run blocks (%.2f GiB) for this call", dtype, need / 2**30)
     return weights_in_dtype(modules, dtype)
