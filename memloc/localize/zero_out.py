@@ -132,7 +132,8 @@ def _held_in(model: Model, layers: list[int], dtype: torch.dtype) -> Any:
     """Context holding the weights that the fast path re-runs (blocks after the first scored layer,
     final norm, unembedding) in ``dtype`` for the whole call when that copy takes at most
     ``HOLD_SHARE`` of the free memory of their device (CUDA: ``mem_get_info``; CPU: available RAM);
-    otherwise (or on a model with offloaded weights) each call casts its block (INFO log).  Measured
+    otherwise each call casts its block (a WARNING with the cost; INFO on a model with offloaded weights,
+    whose blocks are loaded per call anyway).  Measured
     on an H100 with the GPT-Neo-125M configuration in bfloat16: casting per call made the float32
     re-runs ~1.6x slower than a float32 model's."""
     from ..placement import offloaded_modules
@@ -150,8 +151,9 @@ def _held_in(model: Model, layers: list[int], dtype: torch.dtype) -> Any:
 
         free = psutil.virtual_memory().available
     if need > HOLD_SHARE * free:
-        logger.info("zero_out: casting each re-run block to %s per call (a held copy needs %.2f GiB of %.2f GiB "
-                    "free)", dtype, need / 2**30, free / 2**30)
+        logger.warning("zero_out: casting each re-run block to %s per call, because a held copy would need %.2f GiB "
+                       "of %.2f GiB free (measured on an H100, GPT-Neo-125M in bfloat16: about 1.6x slower re-runs)",
+                       dtype, need / 2**30, free / 2**30)
         return contextlib.nullcontext()
     logger.info("zero_out: holding a %s copy of the re-run blocks (%.2f GiB) for this call", dtype, need / 2**30)
     return weights_in_dtype(modules, dtype)
