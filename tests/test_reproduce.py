@@ -437,3 +437,87 @@ def test_bundled_profile_is_the_one_answer(tiny):
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "data.py"
                  and re.search(r"d_vocab\)?\s*(==|in)\s*\(?(4096|50257)", p.read_text())]
     assert offenders == []
+
+
+def _failing_compute(ctx, inputs):
+    raise ValueError("boom in a worker")
+
+
+def test_stage_plan_is_list_scheduling_with_the_shortest_makespan():
+    """The parallel runner's plan: a hand-computed makespan, and on the default run's stage times
+    (the embedded model) the chosen order comes within 1 % of the bound, where the critical-path
+    order queues fine-tuning behind INJ."""
+    from memloc.reproduce.parallel import plan_order, planned_seconds
+    from memloc.reproduce.runner import resolve
+    from memloc.reproduce.stages import REGISTRY
+
+    deps = {"a": (), "b": (), "c": ("a",)}
+    assert planned_seconds(["a", "b", "c"], deps, {"a": 2, "b": 2, "c": 1}, 2) == 3
+    assert planned_seconds(["b", "c", "a"], deps, {"a": 2, "b": 5, "c": 1}, 2) == 5  # c waits for a
+    assert planned_seconds(["a", "b", "c"], deps, {"a": 2, "b": 2, "c": 1}, 1) == 5
+    order = resolve(list(STAGES), REGISTRY)
+    cost = {"memorization": 28, "perturbation": 54, "gradients": 14, "contrastive": 14, "finetune": 143, "head": 5,
+            "rare_tokens": 3, "inj": 133, "del": 201, "patching": 17}
+    from memloc.reproduce.parallel import _deps
+
+    d = _deps(REGISTRY, order)
+    critical_path = ["memorization", "del", "perturbation", "finetune", "inj", "patching", "contrastive", "gradients",
+                     "head", "rare_tokens"]
+    # INJ needs no split: it starts at once beside memorization; DEL takes the other worker at 28 s,
+    # so perturbation and fine-tuning queue behind INJ: 133 + 54 + 143
+    assert planned_seconds(critical_path, d, cost, 2) == 133 + 54 + 143
+    best = plan_order(order, REGISTRY, cost, 2)
+    assert sorted(best) == sorted(order)
+    assert planned_seconds(best, d, cost, 2) <= 310  # 612 s of work on 2 workers: 306 s is the bound
+    assert planned_seconds(best, d, cost, 1) == sum(cost.values())
+
+
+def test_parallel_workers_write_the_same_bytes(tiny, tmp_path, caplog, unchanged):
+    """Issue 12 finding 2: `memloc demo` computes independent stages on worker processes (each
+    loads the model once).  CSVs, REPORT.md and findings equal a serial run's byte for byte, the
+    results land in the cache, the path taken is logged, and the model is left unchanged."""
+    import logging
+
+    stages = ["perturbation", "gradients", "contrastive", "head", "patching"]
+    kw = dict(settings=TINY_SETTINGS, model_name="tiny", png=False, progress_bar=False, stages=stages)
+    serial = reproduce(tiny, tmp_path / "serial", cache_dir=None, **kw)
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        par = reproduce(tiny, tmp_path / "par", cache_dir=tmp_path / "cache", workers=2, **kw)
+    assert any("2 worker processes" in r.getMessage() for r in caplog.records)
+    assert par.findings == serial.findings and par.skipped == serial.skipped and not par.cached
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir() if p.suffix in (".csv", ".md"))
+    assert "REPORT.md" in names and len(names) > 8
+    assert names == sorted(p.name for p in (tmp_path / "par").iterdir() if p.suffix in (".csv", ".md"))
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "par" / name).read_bytes(), name
+    # every computed stage is in the cache: a serial rerun computes nothing
+    again = reproduce(tiny, tmp_path / "again", cache_dir=tmp_path / "cache", **kw)
+    assert sorted(again.cached) == sorted(["memorization", *stages])
+
+
+def test_parallel_workers_bad_input_and_failure(tiny, tmp_path, unchanged):
+    """workers is checked before any work (a model not from load_model cannot be reloaded in a
+    worker); a stage that fails in a worker raises in the caller and leaves no process behind."""
+    import multiprocessing
+
+    from memloc.reproduce.context import build_context
+    from memloc.reproduce.runner import run_stages
+    from memloc.reproduce.stages import REGISTRY
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive int"):
+            reproduce(tiny, tmp_path / "x", settings=TINY_SETTINGS, workers=bad, cache_dir=None)
+    copy = type(tiny).__new__(type(tiny))  # a model load_model did not return
+    with pytest.raises(ValueError, match="workers > 1 needs a model returned by memloc.load_model"):
+        reproduce(copy, tmp_path / "x", settings=TINY_SETTINGS, workers=2, cache_dir=None)
+    assert not (tmp_path / "x").exists()
+    from memloc.ray_executor import ModelSpec
+
+    ctx = build_context(tiny, tmp_path / "f", settings=TINY_SETTINGS, stages=["gradients"], paragraphs=None,
+                        non_memorized_max_em=None, frequencies=None, cache_dir=None, png=False, model_name="tiny",
+                        progress_bar=False, quick=False)
+    registry = dict(REGISTRY, gradients=dataclasses.replace(REGISTRY["gradients"], compute=_failing_compute))
+    with pytest.raises(ValueError, match="boom in a worker"):
+        run_stages(ctx, ["memorization", "gradients", "contrastive"], registry, workers=2,
+                   spec=ModelSpec.from_model(tiny), threads=1)
+    assert multiprocessing.active_children() == []

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=DEMO_OUT, help=f"output directory (default: {DEMO_OUT}, git-ignored)")
     p.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--cache-dir", default=".memloc_cache", help="cache directory (default: .memloc_cache)")
+    from .reproduce import add_workers_arg
+
+    add_workers_arg(p)
     p.set_defaults(run=run)
 
 
@@ -28,5 +31,6 @@ def run(args) -> int:
 
     ns = argparse.Namespace(model="tiny", device=None, out=args.out, quick=args.quick, cache_dir=args.cache_dir,
                             no_cache=False, stages=None, paragraphs=None, no_png=False, threads=getattr(args, "threads", None),
-                            max_paragraphs=None, batch_size=None, timings=None)
+                            max_paragraphs=None, batch_size=None, timings=None,
+                            workers=args.workers)
     return reproduce.run(ns)

@@ -29,7 +29,28 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the embedded model, whose small matrix products only "
                         "lose to thread overhead and oversubscription; torch's default otherwise)")
+    add_workers_arg(p)
     p.set_defaults(run=run)
+
+
+WORKERS_HELP = ("processes computing independent stages side by side, each loading the model once "
+                "(default for the embedded model: the idle cores, as for --threads, which are then shared "
+                "among them - on an idle 2-core machine 2 workers of 1 thread; 1 for other models)")
+
+
+def add_workers_arg(p) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
+
+
+def default_workers(args) -> int:
+    """``--workers``, else the idle cores for the embedded model (``memloc.cli.idle_cores``), else 1."""
+    from ..cli import idle_cores
+
+    if args.workers is not None:
+        if isinstance(args.workers, bool) or args.workers <= 0:
+            raise ValueError(f"--workers must be a positive int, got {args.workers}")
+        return args.workers
+    return idle_cores() if args.model in (None, "tiny") else 1
 
 
 def run(args) -> int:
@@ -47,6 +68,7 @@ def run(args) -> int:
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be a positive int, got {args.threads}")
     settings = QUICK if args.quick else DEFAULT
+    workers = default_workers(args)
     for flag in ("max_paragraphs", "batch_size"):
         value = getattr(args, flag, None)
         if value is not None:
@@ -66,7 +88,7 @@ def run(args) -> int:
     with logging_redirect_tqdm():  # stage lines print above the progress bars
         res = reproduce(model, args.out, settings=settings, quick=args.quick, paragraphs=paragraphs, stages=args.stages,
                         cache_dir=None if args.no_cache else args.cache_dir, png=not args.no_png,
-                        model_name=args.model, timings_path=getattr(args, "timings", None))
+                        model_name=args.model, timings_path=getattr(args, "timings", None), workers=workers)
     for stage, finding in res.findings.items():
         print(f"[{stage}] {finding}")
     for stage, why in res.skipped.items():

@@ -25,7 +25,8 @@ from .settings import STAGES
 
 logger = logging.getLogger("memloc.reproduce")
 
-__all__ = ["Stage", "StageClock", "resolve", "run_stages", "stage_key", "TYPICAL_SECONDS"]
+__all__ = ["Stage", "StageClock", "resolve", "run_stages", "stage_key", "plan_order", "planned_seconds",
+           "TYPICAL_SECONDS"]
 
 Inputs = Mapping[str, Any]
 
@@ -69,11 +70,12 @@ class StageClock:
 
     The estimate of what is left is the typical stage times (``expected``, default
     :data:`TYPICAL_SECONDS`) of the stages still to run, scaled by how the stages done so far
-    compared with their typical times.
+    compared with their typical times, and divided among ``workers`` processes.
     """
 
-    def __init__(self, stages: Sequence[str], expected: Mapping[str, float] | None = None) -> None:
+    def __init__(self, stages: Sequence[str], expected: Mapping[str, float] | None = None, *, workers: int = 1) -> None:
         self.stages = list(stages)
+        self.workers = workers
         expected = expected or TYPICAL_SECONDS
         self.expected = {st: float(expected.get(st, TYPICAL_SECONDS.get(st, 10.0))) for st in self.stages}
         self.spent: dict[str, float] = {}
@@ -83,7 +85,7 @@ class StageClock:
     def _left(self) -> float:
         done_expected = sum(self.expected[st] for st in self.spent)
         scale = sum(self.spent.values()) / done_expected if done_expected > 0 else 1.0
-        return scale * sum(self.expected[st] for st in self.stages if st not in self.spent)
+        return scale * sum(self.expected[st] for st in self.stages if st not in self.spent) / self.workers
 
     def begin(self, stage: str) -> None:
         logger.info("[%d/%d] %s …", self.stages.index(stage) + 1, len(self.stages), stage)
@@ -120,28 +122,49 @@ def _skip_reason(ctx: RunContext, stage: Stage, results: Mapping[str, Any], inpu
     return stage.skip(ctx, inputs) if stage.skip is not None else None
 
 
-def _run_one(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[str, str], clock: StageClock) -> None:
-    clock.begin(stage.name)
-    t0 = time.perf_counter()
+def settle_stage(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[str, str]) -> str | None:
+    """Settle ``stage`` without computing it when possible: ``"skipped"`` (the reason goes to
+    ``ctx.result.skipped``) or ``"cached"`` (its result read into ``results``); None when it must be
+    computed.  Sets ``keys[stage.name]`` unless skipped."""
     inputs = {d: results[d] for d in (*stage.requires, *stage.uses) if d in results}
     reason = _skip_reason(ctx, stage, results, inputs)
     if reason is not None:
         ctx.result.skipped[stage.name] = reason
-        clock.end(stage.name, time.perf_counter() - t0, f"skipped: {reason}")
+        return "skipped"
+    keys[stage.name] = key = stage_key(ctx, stage, {d: keys[d] for d in inputs})
+    if ctx.cache is not None:
+        hit, value = ctx.cache.load(f"reproduce/{stage.name}", key)
+        if hit:
+            results[stage.name] = value
+            ctx.result.cached.append(stage.name)
+            return "cached"
+    return None
+
+
+def render_stage(ctx: RunContext, stage: Stage, results: dict[str, Any], seconds: float, clock: StageClock) -> None:
+    """Record a settled stage: render it (figures, tables, finding) unless it was skipped, time it
+    (``seconds`` of computing or reading it, plus rendering), and print its console line."""
+    name = stage.name
+    if name in ctx.result.skipped:
+        clock.end(name, seconds, f"skipped: {ctx.result.skipped[name]}")
         return
-    key = stage_key(ctx, stage, {d: keys[d] for d in inputs})
-    if ctx.cache is None:
-        value, hit = stage.compute(ctx, inputs), False
-    else:
-        value, hit = ctx.cache.get_or_compute(f"reproduce/{stage.name}", key, lambda: stage.compute(ctx, inputs))
-    results[stage.name], keys[stage.name] = value, key
-    ctx.result.results[stage.name] = value
-    ctx.result.findings[stage.name] = stage.render(ctx, value)
-    seconds = time.perf_counter() - t0
-    ctx.result.timings[stage.name] = seconds
-    if hit:
-        ctx.result.cached.append(stage.name)
-    clock.end(stage.name, seconds, "from the cache" if hit else "")
+    t0 = time.perf_counter()
+    ctx.result.results[name] = results[name]
+    ctx.result.findings[name] = stage.render(ctx, results[name])
+    seconds += time.perf_counter() - t0
+    ctx.result.timings[name] = seconds
+    clock.end(name, seconds, "from the cache" if name in ctx.result.cached else "")
+
+
+def _run_one(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[str, str], clock: StageClock) -> None:
+    clock.begin(stage.name)
+    t0 = time.perf_counter()
+    if settle_stage(ctx, stage, results, keys) is None:
+        value = stage.compute(ctx, {d: results[d] for d in (*stage.requires, *stage.uses) if d in results})
+        if ctx.cache is not None:
+            ctx.cache.save(f"reproduce/{stage.name}", keys[stage.name], value)
+        results[stage.name] = value
+    render_stage(ctx, stage, results, time.perf_counter() - t0, clock)
 
 
 def _timing_record(ctx: RunContext) -> tuple[str, dict[str, float]]:
@@ -153,15 +176,27 @@ def _timing_record(ctx: RunContext) -> tuple[str, dict[str, float]]:
     return key, (value if hit and isinstance(value, dict) else {})
 
 
-def run_stages(ctx: RunContext, requested: Sequence[str], registry: Mapping[str, Stage]) -> None:
-    """Run ``requested`` (and what they need) on ``ctx``; fills ``ctx.result``."""
+def run_stages(ctx: RunContext, requested: Sequence[str], registry: Mapping[str, Stage], *, workers: int = 1,
+               spec: Any = None, threads: int = 1) -> None:
+    """Run ``requested`` (and what they need) on ``ctx``; fills ``ctx.result``.  With ``workers > 1``
+    the stages are computed on that many processes that load the model from ``spec`` with
+    ``threads`` torch threads each (:mod:`memloc.reproduce.parallel`); the results, files and report
+    are the same as a serial run's."""
     order = resolve(requested, registry)
     record_key, previous = _timing_record(ctx)
-    clock = StageClock(order, {**TYPICAL_SECONDS, **previous} if previous else None)
+    expected = {**TYPICAL_SECONDS, **previous}
+    workers = min(workers, len(order))
+    clock = StageClock(order, expected, workers=workers)
     results: dict[str, Any] = {}
     keys: dict[str, str] = {}
-    for name in order:
-        _run_one(ctx, registry[name], results, keys, clock)
+    if workers > 1:
+        from .parallel import run_parallel
+
+        run_parallel(ctx, order, registry, clock, expected, workers=workers, spec=spec, threads=threads,
+                     results=results, keys=keys)
+    else:
+        for name in order:
+            _run_one(ctx, registry[name], results, keys, clock)
     for name in STAGES:
         if name not in order:
             ctx.result.skipped[name] = "not requested (--stages)"
