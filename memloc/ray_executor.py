@@ -154,7 +154,10 @@ class RayExecutor(Executor):
         stop_after: stop (raise :class:`SweepStopped`) after this many computed tasks.
         on_task_done: called with the executor after every completed task (tests, monitoring).
 
-    Use it as a context manager to keep one Ray connection over several sweeps.
+    Use it as a context manager to keep one Ray connection, and its workers with their loaded
+    models, over several sweeps (``with RayExecutor(num_workers=2) as ex: del_benchmark(...,
+    executor=ex); inj_benchmark(..., executor=ex)``): a later sweep on the same model (same spec,
+    device, threads and weights) reuses the workers instead of loading the model again.
     """
 
     name = "ray"
@@ -191,6 +194,7 @@ class RayExecutor(Executor):
         self.connect_timeout = float(connect_timeout)
         self.start_attempts = 2
         self.actors: list = []
+        self._actors_for: tuple | None = None  # (spec, device, threads, weights digest) the actors hold
         self._busy: dict = {}
         self._owned = False
         self._depth = 0
@@ -278,6 +282,8 @@ class RayExecutor(Executor):
 
     def _disconnect(self) -> None:
         self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._stop_actors()
         if self._depth == 0 and self._owned:
             self._ray.shutdown()
             self._owned = False
@@ -301,23 +307,32 @@ class RayExecutor(Executor):
                              f"{self.num_gpus_per_worker} GPU")
         return n
 
-    def _start_actors(self, model: Model, n_tasks: int) -> None:
+    def _start_actors(self, model: Model, n_tasks: int) -> bool:
+        """Start the workers (True), or keep those of an earlier sweep of this session (False):
+        inside ``with RayExecutor(...) as ex:`` the workers, with their loaded models, live until
+        the block ends, so a second sweep on the same model pays no start-up."""
         from .benchmarks._scores import model_fingerprint
 
         ray = self._ray
         spec = self.model_spec or ModelSpec.from_model(model)
         device = self.device or ("cuda" if self.num_gpus_per_worker > 0 and spec.device in (None, "cpu") else None)
         threads = max(1, int(self.num_cpus_per_worker))
+        want = model_fingerprint(model)
+        n = min(self._n_workers(), n_tasks)
+        if self.actors and self._actors_for == (spec, device, threads, want) and len(self.actors) >= n:
+            return False
+        self._stop_actors()
         env = {"MEMLOC_PROGRESS": "0", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         cls = ray.remote(_Worker).options(num_cpus=self.num_cpus_per_worker, num_gpus=self.num_gpus_per_worker,
                                           max_restarts=self.max_restarts, max_task_retries=self.max_task_retries)
-        n = min(self._n_workers(), n_tasks)
         self.actors = [cls.remote(spec, device, threads, env) for _ in range(n)]
-        want = model_fingerprint(model)
         for pid, fp, _ in ray.get([a.ready.remote() for a in self.actors]):
             if fp != want:
+                self._stop_actors()
                 raise ValueError(f"model: the Ray workers loaded {spec} and got other weights than the model passed "
                                  "(was it changed after loading?); pass a model_spec that loads these weights")
+        self._actors_for = (spec, device, threads, want)
+        return True
 
     def _stop_actors(self) -> None:
         for a in self.actors:
@@ -327,6 +342,7 @@ class RayExecutor(Executor):
                 pass
         self.actors = []
         self._busy = {}
+        self._actors_for = None
 
     def run(self, model: Model, tasks: Sequence[Task], on_done: OnDone, *, desc: str = "tasks",
             progress_bar: bool = True) -> None:
@@ -337,8 +353,10 @@ class RayExecutor(Executor):
         self._connect()
         try:
             t0 = time.perf_counter()
-            self._start_actors(model, len(tasks))
-            logger.info("%d Ray workers loaded the model in %.1f s", len(self.actors), time.perf_counter() - t0)
+            if self._start_actors(model, len(tasks)):
+                logger.info("%d Ray workers loaded the model in %.1f s", len(self.actors), time.perf_counter() - t0)
+            else:
+                logger.info("reusing the %d Ray workers of this session", len(self.actors))
             idle = deque(self.actors)
             inflight: dict = {}
             with self._bar(tasks, desc, progress_bar) as update:
@@ -365,8 +383,7 @@ class RayExecutor(Executor):
             if queue:
                 raise self._stopped()
         finally:
-            self._stop_actors()
-            self._disconnect()
+            self._disconnect()  # stops the workers unless a `with` block keeps them for the next sweep
 
     def task_overhead(self, n: int = 200) -> float:
         """Median seconds of a no-op actor task's round trip (submit, run, fetch) on one worker."""

@@ -238,3 +238,18 @@ def test_serial_stop_and_resume(tiny, del_set, del_serial, tmp_path):
     third = SerialExecutor()
     _assert_same_del(del_serial, _del(tiny, del_set, third, tmp_path))
     assert third.stats.computed == {"eval": 1}
+
+
+def test_session_keeps_its_workers_for_the_next_sweep(tiny, del_set, del_serial, ray_session, unchanged):
+    """Inside ``with RayExecutor(...)`` the workers (and their loaded models) serve every sweep of
+    the block: the second sweep runs on the same worker processes, both equal the serial table,
+    and the workers are gone when the block ends."""
+    with RayExecutor(num_workers=2) as ex:
+        first = _del(tiny, del_set, ex)
+        actors, pids = list(ex.actors), set(ex.stats.worker_pids)
+        second = _del(tiny, del_set, ex)
+        assert ex.actors == actors and ex.stats.worker_pids and ex.stats.worker_pids <= pids
+        assert ex.stats.n_computed == N_DEL_TASKS
+    assert ex.actors == []
+    _assert_same_del(first, del_serial)
+    _assert_same_del(second, del_serial)
