@@ -155,7 +155,8 @@ def tuned_hyperparameters(name: str = "tiny") -> dict[str, dict]:
     sparsity term *averaged* over the masked neurons: the record predates the per-neuron default),
     so the returned dict adds ``lam_scale="mean"`` to it: e.g. HARD CONCRETE's ``lam=30`` is 30 on
     the mean over the 3,072 masked neurons, i.e. 30 / 3,072 = 9.8e-3 per neuron.  The selection ran
-    under the authors' stop criterion (sparsity alone), so it also gets ``stop_mem_margin=None``.
+    under the authors' stop criterion (sparsity alone), so it also gets ``stop_mem_margin=None`` and
+    ``stop_mask_mean=None``.
     Passing the dict to the method therefore reproduces the selection exactly."""
     path, data = _tuning_record(name)
     methods = data.get("methods")
@@ -164,7 +165,8 @@ def tuned_hyperparameters(name: str = "tiny") -> dict[str, dict]:
     scale = data.get("lam_scale", "mean")
     # the selection ran under the authors' stop criterion (sparsity alone): keep it
     stop = data.get("stop_mem_margin", None)
-    return {m: {**kw, "lam_scale": kw.get("lam_scale", scale), "stop_mem_margin": kw.get("stop_mem_margin", stop)}
+    return {m: {**kw, "lam_scale": kw.get("lam_scale", scale), "stop_mem_margin": kw.get("stop_mem_margin", stop),
+                "stop_mask_mean": kw.get("stop_mask_mean", None)}
             if "lam" in kw else dict(kw) for m, kw in methods.items()}
 
 

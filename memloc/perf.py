@@ -368,8 +368,8 @@ def _bench_mask_training(b: _Bench) -> None:
     short, long_ = (2, 6) if b.big else ((5, 25) if b.quick else (10, 60))
     for meth in ("slimming", "hard_concrete"):
         fn = getattr(loc, meth)
-        _, t_short = timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, **_PB))
-        _, t_long = timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, **_PB))
+        _, t_short = timed(lambda: fn(model, tokens, prefix_len, max_steps=short, stop_loss=0.0, stop_mask_mean=None, **_PB))
+        _, t_long = timed(lambda: fn(model, tokens, prefix_len, max_steps=long_, stop_loss=0.0, stop_mask_mean=None, **_PB))
         step = (t_long - t_short) / (long_ - short)
         b.row(method=meth, seconds=step, reference_seconds=plain, speedup=plain / step, max_abs_diff=float("nan"),
               step_over_plain=step / plain,

@@ -99,7 +99,7 @@ def bench_pipeline(quick: bool, device: str | None) -> list[dict]:
     steps = (5, 15) if quick else (10, 40)
 
     def per_step():
-        t = [timed(lambda: loc.slimming(model, mp[:1], p, max_steps=n, stop_loss=0.0, start_layer=1, **pb))
+        t = [timed(lambda: loc.slimming(model, mp[:1], p, max_steps=n, stop_loss=0.0, stop_mask_mean=None, start_layer=1, **pb))
              for n in steps]
         return t[1][0], (t[1][1] - t[0][1]) / (steps[1] - steps[0])
 

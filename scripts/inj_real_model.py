@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     method_kwargs = {
         "activations": {},
         "integrated_gradients": {"steps": args.ig_steps},
-        "slimming": {"lam": lam, "lr": 1e-2, "max_steps": args.mask_steps, "stop_loss": 0.1, "start_layer": 0},
+        "slimming": {"lam": lam, "lr": 1e-2, "max_steps": args.mask_steps, "stop_loss": 0.1, "start_layer": 0,
+                     "stop_mask_mean": None},  # the stop rule this study ran under (before the 0.4 default)
         "hard_concrete": {"lam": lam, "lr": 1e-2, "beta": 2 / 3, "mask_init": 0.5, "max_steps": args.mask_steps,
-                          "stop_loss": 0.1, "start_layer": 0},
+                          "stop_loss": 0.1, "start_layer": 0, "stop_mask_mean": None},
         "random": {},
     }
     clean_norms = torch.stack([v.param.detach().norm(dim=0 if v.neuron_axis == 1 else 1)

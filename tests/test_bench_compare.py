@@ -44,10 +44,11 @@ def test_cli_bench_del_compare_tuned(tmp_path, capsys, monkeypatch):
     plain, tuned_call = calls
     # (the benchmarks fill in every declared default, so the score-cache key names them all)
     assert plain["lam"] == localize.DEFAULT_LAM and plain["lam_scale"] == "per_neuron" and plain["max_steps"] == 3
-    assert plain["stop_mem_margin"] == 0.5
+    assert plain["stop_mem_margin"] == 0.5 and plain["stop_mask_mean"] == localize.DEFAULT_STOP_MASK_MEAN
     assert tuned_call["lam"] == tuned["lam"] == 30.0 and tuned_call["lam_scale"] == "mean"
     assert tuned_call["beta"] == pytest.approx(1 / 3) and tuned_call["max_steps"] == 3
     assert tuned_call["stop_mem_margin"] is None  # selected under the authors' stop criterion
+    assert tuned_call["stop_mask_mean"] is None
     assert plain["start_layer"] == tuned_call["start_layer"] == 1  # the DEL setting (A.8)
     printed = capsys.readouterr().out
     assert "hard_concrete (tuned)" in printed

@@ -97,10 +97,10 @@ def test_tuned_hyperparameters_are_the_dev_grid_minimum(tiny_paragraphs):
         grid = raw["grid"][method]
         best = min(grid, key=lambda row: row["rank"])
         assert best["d_self_acc"] == min(row["d_self_acc"] for row in grid) < 0
-        assert all(abs(best[k] - v) < 1e-5 for k, v in kwargs.items() if k not in ("lam_scale", "stop_mem_margin"))
+        assert all(abs(best[k] - v) < 1e-5 for k, v in kwargs.items() if k not in ("lam_scale", "stop_mem_margin", "stop_mask_mean"))
         # the stored lam is on the mean over the masked neurons (the authors' parameterization),
         # selected under the authors' stop criterion
-        assert kwargs["lam_scale"] == "mean" and kwargs["stop_mem_margin"] is None
+        assert kwargs["lam_scale"] == "mean" and kwargs["stop_mem_margin"] is None and kwargs["stop_mask_mean"] is None
     # the dev paragraphs are memorized paragraphs of the embedded set (reproduce leaves them out
     # of its DEL set: tests/test_reproduce.py)
     table = tiny_paragraphs.table

@@ -315,6 +315,33 @@ def test_hard_concrete_early_stop_and_loss(tiny, memorized):
     assert 0 < s.min() and s.max() < 1
 
 
+def test_default_stop_at_test_time_mask_mean(tiny, memorized, unchanged):
+    """Issue 11 §2: by default mask training stops at the first check where the test-time mask
+    averages at most DEFAULT_STOP_MASK_MEAN = 0.4 over the masked neurons (not later, not before),
+    for SLIMMING (whose regularizer is that mean) and HARD CONCRETE (stretched σ(log m))."""
+    from memloc.localize import DEFAULT_STOP_MASK_MEAN
+    from memloc.localize.hard_concrete import GAMMA, ZETA
+
+    assert DEFAULT_STOP_MASK_MEAN == 0.4
+    x = memorized[0]
+    hist: list = []
+    with unchanged(tiny):
+        s = loc.slimming(tiny, x, 50, start_layer=1, history=hist, **FAST)
+    regs = [h[2] for h in hist]  # SLIMMING's regularizer is the mean mask over layers >= start_layer
+    assert len(hist) % 10 == 0 and len(hist) < 500
+    assert regs[-1] <= 0.4 < regs[-11]
+    assert float(s[1:].mean()) == pytest.approx(regs[-1], abs=1e-6)  # returned as checked (no update after)
+    # without it, the same run goes on (the authors' / memloc's earlier criterion)
+    longer: list = []
+    loc.slimming(tiny, x, 50, start_layer=1, history=longer, stop_mask_mean=None, max_steps=len(hist) + 10, **FAST)
+    assert len(longer) > len(hist)
+
+    hist = []
+    h = loc.hard_concrete(tiny, x, 50, start_layer=1, history=hist, **FAST)
+    test_time = (h[1:] * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    assert len(hist) % 10 == 0 and len(hist) < 500 and float(test_time.mean()) <= 0.4
+
+
 def test_random_scores_seeded(small_models):
     m = small_models["gpt2"]
     x = _tokens(m, 10)
@@ -392,6 +419,11 @@ def test_bad_inputs_raise_before_work(small_models, name, what, make, unchanged)
     ("slimming", dict(stop_mem_margin=-1.0), "stop_mem_margin"),
     ("slimming", dict(stop_mem_margin="0.5"), "stop_mem_margin"),
     ("slimming", dict(check_every=0), "check_every"),
+    ("slimming", dict(stop_mask_mean=0.0), "stop_mask_mean"),
+    ("slimming", dict(stop_mask_mean=1.5), "stop_mask_mean"),
+    ("slimming", dict(stop_mask_mean="0.4"), "stop_mask_mean"),
+    ("hard_concrete", dict(stop_mask_mean=0.5), "stop_mask_mean.*below mask_init"),
+    ("hard_concrete", dict(stop_mask_mean=0.3, mask_init=0.2), "stop_mask_mean.*below mask_init"),
     ("slimming", dict(max_steps=2.5), "max_steps"),
     ("hard_concrete", dict(lam=-3.0), "lam"),
     ("hard_concrete", dict(lam_scale=None), "lam_scale"),
@@ -515,8 +547,13 @@ def test_collapse_warning_with_authors_settings(tiny, memorized, caplog):
     assert len(warned) == 1 and "memorization loss" in warned[0].getMessage()
     # with the memorization-loss condition the same pressure does not stop there (it runs to the cap)
     caplog.clear()
-    _, hist2, warned2 = _collapsed_run(tiny, x, caplog, max_steps=150, lam=1000.0, lam_scale="mean")
+    _, hist2, warned2 = _collapsed_run(tiny, x, caplog, max_steps=150, lam=1000.0, lam_scale="mean",
+                                       stop_mask_mean=None)
     assert len(hist2) == 150 and len(warned2) == 1  # ...and ends collapsed at the cap, with the WARNING
+    # memloc's default stop (test-time mask mean <= 0.4) ends the same pressure before it collapses
+    caplog.clear()
+    s3, hist3, warned3 = _collapsed_run(tiny, x, caplog, max_steps=150, lam=1000.0, lam_scale="mean")
+    assert len(hist3) < len(hist) and hist3[-1][2] <= 0.4 and not warned3
 
 
 def test_no_collapse_warning_when_memorization_is_kept(tiny, memorized, caplog):

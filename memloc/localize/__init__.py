@@ -42,12 +42,12 @@ from .integrated_gradients import integrated_gradients
 from .random_baseline import random_scores
 from .slimming import l1_regularizer, slimming
 from .zero_out import zero_out
-from ._masks import AUTHORS_SETTINGS, DEFAULT_LAM
+from ._masks import AUTHORS_SETTINGS, DEFAULT_LAM, DEFAULT_STOP_MASK_MEAN
 
 __all__ = ["METHODS", "ALIASES", "Method", "MethodRegistry", "get_method", "canonical_name",
            "activations", "integrated_gradients", "zero_out", "slimming", "hard_concrete",
            "random_scores", "attribution_patching", "hard_concrete_mask", "l0_regularizer", "l1_regularizer",
-           "AUTHORS_SETTINGS", "DEFAULT_LAM"]
+           "AUTHORS_SETTINGS", "DEFAULT_LAM", "DEFAULT_STOP_MASK_MEAN"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class MethodRegistry(Mapping[str, Method]):
 # Each record declares the method's hyperparameters and defaults explicitly (keep them in step
 # with the function signature; tests/test_registry.py compares the two).
 _MASK_DEFAULTS = dict(lam=DEFAULT_LAM, lam_scale="per_neuron", lr=1e-2, max_steps=500, stop_loss=0.1,
-                      stop_mem_margin=0.5, check_every=10, start_layer=0, progress_bar=True, history=None)
+                      stop_mask_mean=DEFAULT_STOP_MASK_MEAN, stop_mem_margin=0.5, check_every=10, start_layer=0, progress_bar=True, history=None)
 
 #: Alias -> canonical method name.
 ALIASES: Mapping[str, str] = {"ig": "integrated_gradients"}

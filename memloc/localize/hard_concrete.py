@@ -13,7 +13,7 @@ from .._checks import check_number, check_seed
 from ..borrow import borrowed
 from ..models import Model
 from ._common import prepare_sequence
-from ._masks import DEFAULT_LAM, check_mask_args, train_masks
+from ._masks import DEFAULT_LAM, DEFAULT_STOP_MASK_MEAN, check_mask_args, train_masks
 
 __all__ = ["hard_concrete", "hard_concrete_mask", "l0_regularizer", "GAMMA", "ZETA"]
 
@@ -44,7 +44,7 @@ def l0_regularizer(log_m: Float[Tensor, "layer neuron"], beta: float, start_laye
 
 def hard_concrete(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
                   lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
-                  beta: float = 2 / 3, mask_init: float = 0.5, max_steps: int = 500, stop_loss: float = 0.1,
+                  beta: float = 2 / 3, mask_init: float = 0.5, max_steps: int = 500, stop_loss: float = 0.1, stop_mask_mean: float | None = DEFAULT_STOP_MASK_MEAN,
                   stop_mem_margin: float | None = 0.5, check_every: int = 10, start_layer: int = 0, seed: int = 0,
                   progress_bar: bool = True, history: list | None = None) -> Float[Tensor, "layer neuron"]:
     """HARD CONCRETE attribution (Chang et al. Eq. 12): learn ``log m^l`` for every FFN neuron,
@@ -64,18 +64,21 @@ def hard_concrete(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"
     lam_scale="mean", stop_mem_margin=None``, ``memloc.localize._masks.AUTHORS_SETTINGS``).
 
     Other defaults are the authors' released settings (MemPi: Adam, ``lr=1e-2``, ``beta=2/3``,
-    ``mask_p=0.5``, early stop once ``R < stop_loss=0.1``, checked every 10 steps), except the
-    step cap (500; theirs 5000: at the per-neuron default the embedded model's expected L0 creeps
-    down by ~0.015 per 100 steps after step 500 and the DEL ranking no longer changes, measured on
-    dev paragraphs) and that by default the stop also requires the memorization loss to be within
-    ``stop_mem_margin`` nats of its unmasked value (``None``: the authors' criterion), so training
-    does not stop on a collapsed mask; a run that ends collapsed logs a WARNING.  The noise comes
+    ``mask_p=0.5``, checked every 10 steps), except the step cap (500; theirs 5000) and the stop
+    (``memloc.localize._masks``, measured there): by default training stops at the first check
+    where the test-time mask (``σ(log m)`` stretched and clipped, which starts at ``mask_init``)
+    averages at most ``stop_mask_mean=0.4`` over the masked neurons, or, the authors' criterion,
+    once ``R < stop_loss=0.1`` while (by default) the memorization loss is within
+    ``stop_mem_margin`` nats of its unmasked value (``stop_mask_mean=None, stop_mem_margin=None``:
+    theirs).  A run that ends collapsed logs a WARNING.  The noise comes
     from a ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched), so results are
     deterministic per seed.
 
     Args:
         lam, lam_scale, lr, max_steps, stop_loss, stop_mem_margin, check_every, start_layer: as
             in :func:`~memloc.localize.slimming`.
+        stop_mask_mean: stop once the test-time mask averages at most this over the masked
+            neurons (below ``mask_init``, or None; default 0.4).
         beta: temperature β of the concrete distribution (> 0).
         mask_init: initial stretched mean mask, in (0, 1).
         seed: seed of the mask noise (int).
@@ -85,11 +88,14 @@ def hard_concrete(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     a = check_mask_args(model, lam=lam, lam_scale=lam_scale, lr=lr, max_steps=max_steps, stop_loss=stop_loss,
-                        stop_mem_margin=stop_mem_margin, check_every=check_every, start_layer=start_layer)
+                        stop_mask_mean=stop_mask_mean, stop_mem_margin=stop_mem_margin, check_every=check_every, start_layer=start_layer)
     beta = check_number(beta, "beta", 0.0, lo_open=True, what=" (the concrete temperature)")
     if isinstance(mask_init, bool) or not isinstance(mask_init, (int, float)) or not 0 < mask_init < 1:
         raise ValueError(f"mask_init must be in (0, 1), got {mask_init!r}")
     check_seed(seed)
+    if a["stop_mask_mean"] is not None and a["stop_mask_mean"] >= mask_init:
+        raise ValueError(f"stop_mask_mean ({a['stop_mask_mean']:g}) must be below mask_init ({mask_init:g}), the test-time "
+                         "mask's starting mean, or training would stop at its first check; or pass None")
     start_layer = a["start_layer"]
     with borrowed(model):
         dev = tokens.device

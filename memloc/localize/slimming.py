@@ -11,7 +11,7 @@ from torch import Tensor
 from ..borrow import borrowed
 from ..models import Model
 from ._common import prepare_sequence
-from ._masks import DEFAULT_LAM, check_mask_args, train_masks
+from ._masks import DEFAULT_LAM, DEFAULT_STOP_MASK_MEAN, check_mask_args, train_masks
 
 __all__ = ["slimming", "l1_regularizer"]
 
@@ -27,7 +27,7 @@ def l1_regularizer(mask: Float[Tensor, "layer neuron"], start_layer: int = 0) ->
 
 def slimming(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], prefix_len: int, *,
              lam: float = DEFAULT_LAM, lam_scale: Literal["per_neuron", "mean"] = "per_neuron", lr: float = 1e-2,
-             max_steps: int = 500, stop_loss: float = 0.1, stop_mem_margin: float | None = 0.5,
+             max_steps: int = 500, stop_loss: float = 0.1, stop_mask_mean: float | None = DEFAULT_STOP_MASK_MEAN, stop_mem_margin: float | None = 0.5,
              check_every: int = 10, start_layer: int = 0, progress_bar: bool = True,
              history: list | None = None) -> Float[Tensor, "layer neuron"]:
     """SLIMMING attribution (Chang et al. Eq. 9): learn a mask ``m^l`` on every FFN hidden state
@@ -47,11 +47,13 @@ def slimming(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pr
 
     Other defaults are the authors' released settings (MemPi ``downstream.py``; A.7 gives no
     numbers): Adam, ``lr=1e-2``, at most 500 steps (theirs: 5000; at the per-neuron default the
-    embedded model's masks settle within ~200 steps, measured), stopping once the mean mask drops below
-    ``stop_loss=0.1`` (checked every 10 steps) -- and, by default, only while the memorization
-    loss is within ``stop_mem_margin`` nats of its unmasked value, so that training does not stop
-    on a collapsed mask (``None``: the authors' criterion).  A run that ends collapsed logs a
-    WARNING (``memloc.localize._masks``).  ``start_layer=1`` reproduces their DEL setting (bottom
+    embedded model's masks settle within ~200 steps, measured).  Stopping differs from theirs
+    (``memloc.localize._masks``, measured there): by default training stops at the first check
+    (every 10 steps) where the mean mask is at most ``stop_mask_mean=0.4`` -- the point after which
+    the DEL ranking degrades as masks tie at 1 or collapse to 0 --, or, the authors' criterion, once
+    it drops below ``stop_loss=0.1`` while (by default) the memorization loss is within
+    ``stop_mem_margin`` nats of its unmasked value.  ``stop_mask_mean=None, stop_mem_margin=None``
+    is their criterion.  A run that ends collapsed logs a WARNING.  ``start_layer=1`` reproduces their DEL setting (bottom
     layer not masked, its scores stay 1).
 
     Args:
@@ -63,6 +65,8 @@ def slimming(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pr
         lr: Adam learning rate (> 0).
         max_steps: step cap (positive int).
         stop_loss: stop once the mean mask is below this (in [0, 1]; 0 never stops early).
+        stop_mask_mean: stop once the mean mask is at most this (in (0, 1], or None), whatever
+            the memorization loss (default 0.4).
         stop_mem_margin: ...and the memorization loss is at most this many nats above clean
             (>= 0, or None to ignore the memorization loss).
         check_every: steps between stop checks.
@@ -74,7 +78,7 @@ def slimming(model: Model, tokens: Int[Tensor, "1 seq"] | Int[Tensor, "seq"], pr
     """
     tokens = prepare_sequence(model, tokens, prefix_len)
     a = check_mask_args(model, lam=lam, lam_scale=lam_scale, lr=lr, max_steps=max_steps, stop_loss=stop_loss,
-                        stop_mem_margin=stop_mem_margin, check_every=check_every, start_layer=start_layer)
+                        stop_mask_mean=stop_mask_mean, stop_mem_margin=stop_mem_margin, check_every=check_every, start_layer=start_layer)
     start_layer = a["start_layer"]
     with borrowed(model):
         dev = tokens.device
