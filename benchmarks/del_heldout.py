@@ -1,7 +1,7 @@
 # OMP_NUM_THREADS=1 python benchmarks/del_heldout.py > benchmarks/results/del_defaults_vs_tuned_heldout.txt
 """Held-out check of the 0.4 stop rule: DEL at 10 %/layer on targets 5-14 of the same 40-sequence set
 (the rule was chosen on targets 0-4): library defaults vs the dev-set-tuned settings."""
-import json, sys, time
+import time
 import torch
 torch.set_num_threads(1)
 import memloc
