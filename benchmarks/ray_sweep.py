@@ -39,8 +39,10 @@ MAX_STEPS = 300
 
 
 def method_kwargs(max_steps: int) -> dict[str, dict]:
-    return {"hard_concrete": {"max_steps": max_steps, "check_every": 20, "progress_bar": False},
-            "slimming": {"max_steps": max_steps, "check_every": 20, "progress_bar": False},
+    # stop_mask_mean=None: every mask training runs its max_steps (the library default would stop it
+    # after 50-100 steps), so the sweep keeps the size of the earlier measurements
+    return {"hard_concrete": {"max_steps": max_steps, "check_every": 20, "stop_mask_mean": None, "progress_bar": False},
+            "slimming": {"max_steps": max_steps, "check_every": 20, "stop_mask_mean": None, "progress_bar": False},
             "integrated_gradients": {"progress_bar": False}, "zero_out": {"progress_bar": False}}
 
 

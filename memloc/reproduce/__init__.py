@@ -122,8 +122,9 @@ def reproduce(model: Model, out_dir: str | Path = "memloc-out", *, quick: bool =
             loads the model once, the way :func:`memloc.load_model` loaded ``model`` (so ``model``
             must come from it), with ``torch.get_num_threads() // workers`` threads (at least 1);
             independent stages run side by side (:mod:`memloc.reproduce.parallel`).  The results,
-            CSVs and report are the same as with one; on the embedded model two single-threaded
-            workers halve the wall time of the 2-core machine's default run (README "Gallery").
+            CSVs and report are the same as with one.  On the 2-core VM two single-threaded
+            workers were slower than one process with two threads (README "Gallery"); more
+            cores are where it helps.
 
     Returns:
         :class:`ReproduceResult`.

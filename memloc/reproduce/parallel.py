@@ -1,11 +1,14 @@
 """Stages on several worker processes: the plan (which ready stage a free worker takes) and the pool.
 
-Why processes, and why not Ray: the embedded model's stages are small dense products that a
-second torch thread speeds up only 1.05-1.7×, while two single-threaded processes run at full
-speed side by side on two cores (measured, README "Gallery").  The stages form a small DAG
-(``requires`` / ``uses``) of ten nodes with minutes each, so the standard library's
-``multiprocessing`` pool is all it needs; :mod:`memloc.executors` (Ray) is for sweeps across
-machines, whose start-up (seconds) and extra dependency a ``make demo`` does not want.
+When it pays, measured: on the 2-core VM the embedded model's default run took 11 min 56 s with two
+workers of one thread each against 10 min 14 s in one process with two threads (fresh clone, idle
+machine): its batched stages run more than 2× slower on one thread than on two (fine-tuning 321 s
+vs 143 s, INJ 357 s vs 133 s, DEL 464 s vs 201 s), so ``workers`` defaults to 1.  Stages that
+scale badly with threads (single-sequence mask training: 1.05× from a second thread) and machines
+with more cores than one model's forward passes can use are where several workers help.  Why
+processes and not Ray: ten stages of minutes each form a small DAG (``requires`` / ``uses``), which
+the standard library's ``multiprocessing`` pool runs without Ray's start-up (seconds) or an extra
+dependency; :mod:`memloc.executors` (Ray) is for sweeps across machines.
 
 Each worker loads the model once from its :class:`~memloc.ray_executor.ModelSpec` (the arguments
 of the :func:`memloc.load_model` call that returned it), pins its torch threads, and receives a

@@ -58,10 +58,11 @@ class Stage:
     settings: tuple[str, ...] = ()
 
 
-#: Seconds of each stage in the default run on the embedded model (``make demo``, idle 2-core
-#: machine, README "Gallery"): the shape of the overall estimate, scaled by the stages done so far.
-TYPICAL_SECONDS = {"memorization": 29, "perturbation": 66, "gradients": 10, "contrastive": 14, "finetune": 217,
-                   "head": 5, "rare_tokens": 2, "inj": 130, "del": 265, "patching": 11}
+#: Seconds of each stage in the default run on the embedded model (fresh-clone ``make demo``, idle
+#: 2-core machine, 2 torch threads, README "Gallery"): the shape of the overall estimate, scaled by
+#: the stages done so far, and the stage costs the parallel runner plans with.
+TYPICAL_SECONDS = {"memorization": 28, "perturbation": 54, "gradients": 14, "contrastive": 14, "finetune": 143,
+                   "head": 5, "rare_tokens": 3, "inj": 133, "del": 201, "patching": 17}
 
 
 class StageClock:

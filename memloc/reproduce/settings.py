@@ -81,8 +81,8 @@ class Settings:
         return kw
 
 
-#: The default run: on the embedded model about 12-22 minutes on 2 CPU cores (measured: 12 min 34 s and 14 min 23 s
-#: on an idle machine; 21 min 45 s wall clock on a machine shared with other jobs); INJ, DEL and fine-tuning take
+#: The default run: on the embedded model about 10-15 minutes on 2 CPU cores (measured: 10 min 14 s for a fresh-clone
+#: ``make demo`` on an idle machine, 12 min 34 s and 14 min 23 s in earlier runs); INJ, DEL and fine-tuning take
 #: three quarters of it.
 DEFAULT = Settings()
 #: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
