@@ -284,10 +284,10 @@ class RayExecutor(Executor):
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
             self._stop_actors()
-        if self._depth == 0 and self._owned:
-            self._ray.shutdown()
-            self._owned = False
-            self._cleanup_env()
+            if self._owned:
+                self._ray.shutdown()
+                self._owned = False
+                self._cleanup_env()
 
     # -- workers ------------------------------------------------------------------------------
     def busy_actors(self) -> list:

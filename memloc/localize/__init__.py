@@ -125,7 +125,8 @@ class MethodRegistry(Mapping[str, Method]):
 # Each record declares the method's hyperparameters and defaults explicitly (keep them in step
 # with the function signature; tests/test_registry.py compares the two).
 _MASK_DEFAULTS = dict(lam=DEFAULT_LAM, lam_scale="per_neuron", lr=1e-2, max_steps=500, stop_loss=0.1,
-                      stop_mask_mean=DEFAULT_STOP_MASK_MEAN, stop_mem_margin=0.5, check_every=10, start_layer=0, progress_bar=True, history=None)
+                      stop_mask_mean=DEFAULT_STOP_MASK_MEAN, stop_mem_margin=0.5, check_every=10, start_layer=0,
+                      progress_bar=True, history=None)
 
 #: Alias -> canonical method name.
 ALIASES: Mapping[str, str] = {"ig": "integrated_gradients"}

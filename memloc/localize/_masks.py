@@ -65,8 +65,8 @@ from ._common import memorization_loss, partial_forward, suffix_positions
 
 logger = logging.getLogger("memloc.localize")
 
-__all__ = ["train_masks", "penalty_weight", "DEFAULT_LAM", "DEFAULT_STOP_MASK_MEAN", "AUTHORS_LAM", "GPT2_XL_MASKED_NEURONS", "LAM_SCALES",
-           "AUTHORS_SETTINGS", "COLLAPSED_MASK_MEAN", "COLLAPSED_MEM_MARGIN"]
+__all__ = ["train_masks", "penalty_weight", "DEFAULT_LAM", "DEFAULT_STOP_MASK_MEAN", "AUTHORS_LAM",
+           "GPT2_XL_MASKED_NEURONS", "LAM_SCALES", "AUTHORS_SETTINGS", "COLLAPSED_MASK_MEAN", "COLLAPSED_MEM_MARGIN"]
 
 #: The authors' λ (MemPi ``downstream.py``), on the sparsity term averaged over the masked neurons.
 AUTHORS_LAM = 1000.0

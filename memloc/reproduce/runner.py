@@ -123,11 +123,22 @@ def _skip_reason(ctx: RunContext, stage: Stage, results: Mapping[str, Any], inpu
     return stage.skip(ctx, inputs) if stage.skip is not None else None
 
 
+def stage_inputs(stage: Stage, results: Mapping[str, Any]) -> dict[str, Any]:
+    """The results ``stage`` is given: those of its ``requires`` and of the ``uses`` that ran."""
+    return {d: results[d] for d in (*stage.requires, *stage.uses) if d in results}
+
+
+def save_stage(ctx: RunContext, name: str, key: str, value: Any) -> None:
+    """Store a computed stage result in the run's cache (if it has one)."""
+    if ctx.cache is not None:
+        ctx.cache.save(f"reproduce/{name}", key, value)
+
+
 def settle_stage(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[str, str]) -> str | None:
     """Settle ``stage`` without computing it when possible: ``"skipped"`` (the reason goes to
     ``ctx.result.skipped``) or ``"cached"`` (its result read into ``results``); None when it must be
     computed.  Sets ``keys[stage.name]`` unless skipped."""
-    inputs = {d: results[d] for d in (*stage.requires, *stage.uses) if d in results}
+    inputs = stage_inputs(stage, results)
     reason = _skip_reason(ctx, stage, results, inputs)
     if reason is not None:
         ctx.result.skipped[stage.name] = reason
@@ -161,10 +172,8 @@ def _run_one(ctx: RunContext, stage: Stage, results: dict[str, Any], keys: dict[
     clock.begin(stage.name)
     t0 = time.perf_counter()
     if settle_stage(ctx, stage, results, keys) is None:
-        value = stage.compute(ctx, {d: results[d] for d in (*stage.requires, *stage.uses) if d in results})
-        if ctx.cache is not None:
-            ctx.cache.save(f"reproduce/{stage.name}", keys[stage.name], value)
-        results[stage.name] = value
+        results[stage.name] = stage.compute(ctx, stage_inputs(stage, results))
+        save_stage(ctx, stage.name, keys[stage.name], results[stage.name])
     render_stage(ctx, stage, results, time.perf_counter() - t0, clock)
 
 
