@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memloc import data
+from memloc.localize import DEFAULT_STOP_MASK_MEAN
 
 
 def test_tiny_paragraph_set(tiny_paragraphs):
@@ -111,6 +112,11 @@ def test_tuned_hyperparameters_are_the_dev_grid_minimum(tiny_paragraphs):
     assert kw["hard_concrete"]["lam"] == tuned["hard_concrete"]["lam"]
     assert kw["hard_concrete"]["max_steps"] == tuned["hard_concrete"]["max_steps"]
     assert Settings(mask_steps=7).method_kwargs(tuned)["slimming"]["max_steps"] == 7
-    assert Settings().method_kwargs()["slimming"] == {"max_steps": 200, "progress_bar": False}
+    assert Settings().method_kwargs()["slimming"] == {"max_steps": 200, "progress_bar": False, "stop_mask_mean": 0.4}
+    # the library's stop rule on top of the tuned values (the tuned record itself has stop_mask_mean=None);
+    # None gives the selection's criterion back
+    assert kw["hard_concrete"]["stop_mask_mean"] == kw["slimming"]["stop_mask_mean"] == DEFAULT_STOP_MASK_MEAN
+    assert Settings(stop_mask_mean=None).method_kwargs(tuned)["hard_concrete"] == {**tuned["hard_concrete"],
+                                                                                  "progress_bar": False}
     with pytest.raises(ValueError, match="name"):
         data.tuned_hyperparameters("gpt-neo-125m")

@@ -633,3 +633,26 @@ def test_partial_forward_falls_back_with_a_warning(tiny, memorized, caplog, monk
     with caplog.at_level("WARNING"):
         assert C.partial_forward(tiny, x, 1, slice(49, 99), what="probe") is None
     assert "probe" in caplog.text and "full forwards" in caplog.text
+
+
+def test_partial_forward_stops_the_capture_forward_early_and_matches_every_row(tiny, memorized, unchanged):
+    """The block input comes from a forward that ends at block ``start`` (later blocks never run, no
+    hook is left behind), the self-check uses the first rows only, and the function reproduces the
+    full forward on every row of the batch."""
+    import memloc.localize._common as C
+
+    x = memorized[:3]
+    assert len(x) > C.CHECK_ROWS
+    rows = []
+    handle = tiny.blocks[3].register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        with unchanged(tiny):
+            resid = C._block_input(tiny, x, "blocks.0.hook_resid_post")
+        assert rows == [] and resid.shape == (3, x.shape[1], tiny.cfg.d_model)  # stopped before block 3
+        fn = C.partial_forward(tiny, x, 1, slice(49, 99))
+        # the full forwards of the check (CHECK_ROWS rows, then 1 row for the block arguments) and its re-run
+        assert rows == [C.CHECK_ROWS, 1, C.CHECK_ROWS]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(fn(), tiny(x)[:, 49:99], rtol=1e-5, atol=1e-5)

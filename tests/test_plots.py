@@ -89,7 +89,7 @@ def test_every_plot_function_returns_a_figure():
         assert isinstance(fig, go.Figure), name
         assert len(fig.data) > 0, f"{name} has no traces"
     # every public plot function (all but save/token_labels) is exercised above
-    public = {n for n in plots.__all__ if n not in ("save", "token_labels")}
+    public = {n for n in plots.__all__ if n not in ("save", "png_session", "token_labels")}
     assert public <= {k.replace("_count", "") for k in figs}
 
 
@@ -133,6 +133,42 @@ def test_save_without_a_browser_raises_a_clear_error(tmp_path, monkeypatch):
         plots.save(fig, tmp_path / "f")
     assert (tmp_path / "f.html").exists()  # the HTML is written first
     assert plots.save(fig, tmp_path / "g", png=False) == [tmp_path / "g.html"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("google-chrome") is None,
+                    reason="no Chromium for static export (`make browser` installs it)")
+def test_png_session_keeps_one_browser_and_writes_the_same_bytes(tmp_path):
+    from memloc.plots._save import _server
+
+    fig = plots.memorization_scatter(pd.DataFrame({"em": [50, 0], "nll": [0.1, 3.0],
+                                                   "split": ["memorized", "non-memorized"]}))
+    plots.save(fig, tmp_path / "alone")  # its own browser
+    assert not _server().is_running()
+    with plots.png_session() as on:
+        assert on and _server().is_running()  # the path taken: kaleido's persistent server
+        plots.save(fig, tmp_path / "in_session")
+        with plots.png_session() as nested:  # a running server is reused and left running
+            assert nested
+        assert _server().is_running()
+    assert not _server().is_running()  # stopped on exit
+    assert (tmp_path / "in_session.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+
+
+def test_png_session_without_a_browser_warns_and_falls_back(tmp_path, monkeypatch, caplog):
+    import kaleido._sync_server as sync_server
+
+    from memloc.plots._save import _server
+
+    class NoBrowser:
+        def __init__(self, *a, **k):
+            raise FileNotFoundError("chromium not found")
+
+    monkeypatch.setattr(sync_server, "Kaleido", NoBrowser)  # the server thread dies at start-up
+    with caplog.at_level("WARNING", logger="memloc.plots._save"), plots.png_session() as on:
+        assert on is False
+        assert not _server().is_running()  # exports go back to a browser per figure
+    assert "could not keep one browser" in caplog.text and "browser did not start" in caplog.text
+    assert not _server().is_running()
 
 
 def _ft_with_edit() -> pd.DataFrame:

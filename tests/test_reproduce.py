@@ -173,7 +173,11 @@ def test_bad_input_fails_before_work(tiny, tmp_path, monkeypatch):
         reproduce(tiny, tmp_path / "h", non_memorized_max_em=50)
     with pytest.raises(ValueError, match="frequencies"):
         reproduce(tiny, tmp_path / "i", frequencies=torch.ones(10))
-    for d in "acdhi":
+    with pytest.raises(ValueError, match="settings.stop_mask_mean must be a finite number in \\(0, 1\\)"):
+        reproduce(tiny, tmp_path / "j", settings=Settings(stop_mask_mean=0.0))
+    with pytest.raises(ValueError, match="settings.stop_mask_mean .* below HARD CONCRETE's mask_init"):
+        reproduce(tiny, tmp_path / "k", settings=Settings(stop_mask_mean=0.6))
+    for d in "acdhijk":
         assert not (tmp_path / d).exists()
     assert cli.main(["reproduce", "--model", "tiny", "--out", str(tmp_path / "e"), "--max-paragraphs", "0"]) == 2
     assert cli.main(["reproduce", "--model", "tiny", "--out", str(tmp_path / "f"), "--threads", "0"]) == 2

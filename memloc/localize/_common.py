@@ -237,6 +237,31 @@ def _block_input_name(start: int) -> str:
     return "blocks.0.hook_resid_pre" if start == 0 else f"blocks.{start - 1}.hook_resid_post"
 
 
+#: Rows of the batch on which :func:`partial_forward` checks itself against a full forward.
+CHECK_ROWS = 2
+
+
+class _StopForward(Exception):
+    """Raised by :func:`_block_input`'s hook to end a forward once the wanted input is captured."""
+
+
+def _block_input(model: Model, tokens: Tensor, name: str) -> Tensor:
+    """The activation at hook point ``name`` (a block's input) of a clean forward of ``tokens``,
+    stopping the forward there (the later blocks and the unembedding are not run)."""
+    out: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        out["x"] = act.detach()
+        raise _StopForward
+
+    # TransformerLens' hooks context removes the hook in its ``finally``, also on this exception
+    with contextlib.suppress(_StopForward), torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(name, grab)])
+    if "x" not in out:
+        raise RuntimeError(f"the forward never reached hook point {name}")
+    return out["x"]
+
+
 def partial_forward(model: Model, tokens: Int[Tensor, "batch seq"], start: int, positions: slice, *,
                     atol: float | None = None, what: str = "partial forward") -> Callable[[], Tensor] | None:
     """A function returning the logits at ``positions`` of ``model(tokens)`` that re-runs only blocks
@@ -246,8 +271,10 @@ def partial_forward(model: Model, tokens: Int[Tensor, "batch seq"], start: int, 
     For loops whose hooks act only on blocks >= ``start`` (mask training above the bottom layer,
     dropout of layers >= 1): blocks ``0..start-1`` and the unembedding of the other positions do
     not depend on the loop, so skipping them gives the same logits (hooks registered later on
-    blocks >= ``start`` still fire, and autograd flows through the re-run blocks).  Checked once
-    against a full forward (relative ``atol``, default :func:`check_tolerance` of the dtype); if it does not match (an architecture whose
+    blocks >= ``start`` still fire, and autograd flows through the re-run blocks).  The block input
+    comes from a forward stopped at block ``start``; the function is checked once against a full
+    forward of the first :data:`CHECK_ROWS` rows (relative ``atol``, default :func:`check_tolerance`
+    of the dtype); if it does not match (an architecture whose
     blocks need inputs this bridge does not expose), returns None after a logging WARNING, and
     the caller runs the full forward (the slower path: about 1/L more block work plus the full
     unembedding).  The block arguments (attention mask, ...) are captured on the first row, so
@@ -255,9 +282,11 @@ def partial_forward(model: Model, tokens: Int[Tensor, "batch seq"], start: int, 
     d_model] block input (e.g. ``fn.resid`` repeated) to run other rows.
     """
     name = _block_input_name(start)
-    logits, acts, _ = capture_clean(model, tokens, [name], capture_blocks=False)
+    resid = _block_input(model, tokens, name)
+    # the full forward that the check compares with: a few rows suffice (a wrong fast path differs
+    # by O(1) on every row), and two rows check that the captured block arguments broadcast
+    logits, _, _ = capture_clean(model, tokens[:CHECK_ROWS], [], capture_blocks=False)
     _, _, inputs = capture_clean(model, tokens[:1], [])
-    resid = acts[name]
 
     def run(x: Tensor | None = None) -> Tensor:
         """Logits at ``positions``; ``x`` replaces the cached block input (any number of rows)."""
@@ -266,7 +295,7 @@ def partial_forward(model: Model, tokens: Int[Tensor, "batch seq"], start: int, 
     run.resid = resid  # type: ignore[attr-defined]
 
     with torch.no_grad():
-        fast = run()
+        fast = run(resid[:CHECK_ROWS])
     ref = logits[:, positions]
     err = relative_error(fast, ref)
     if not err < (check_tolerance(ref.dtype) if atol is None else atol):

@@ -36,6 +36,8 @@ as no EM <= 10 set is bundled, its non-memorized group is the paragraphs whose *
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -143,10 +145,13 @@ def reproduce(model: Model, out_dir: str | Path = "memloc-out", *, quick: bool =
         ctx = build_context(model, out_dir, settings=settings, stages=requested, paragraphs=paragraphs,
                             non_memorized_max_em=non_memorized_max_em, frequencies=frequencies, cache_dir=cache_dir,
                             png=png, model_name=model_name, progress_bar=progress_bar, quick=quick)
+        from ..plots import png_session
         from .runner import run_stages
 
-        run_stages(ctx, requested, REGISTRY, workers=workers, spec=spec,
-                   threads=max(1, torch.get_num_threads() // workers))
+        # one browser for all the run's PNGs (a browser per figure cost ~4 s each, a minute per run)
+        with png_session() if png else contextlib.nullcontext():
+            run_stages(ctx, requested, REGISTRY, workers=workers, spec=spec,
+                       threads=max(1, torch.get_num_threads() // workers))
     result = ctx.result
     result.summary["seconds"] = sum(result.timings.values())
     result.summary["cached_stages"] = sorted(result.cached)

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .._checks import check_positive_int, check_tokens
+from .._checks import check_number, check_positive_int, check_tokens
 from ..cache import ContentCache, digest, model_fingerprint
 from ..data import BundledProfile, ParagraphSet, bundled_profile, concat_paragraph_sets, can_retokenize
 from ..models import Model
@@ -122,6 +122,9 @@ def _check_inputs(model: Model, settings: Any, paragraphs: Any, frequencies: Any
     for name in ("n_mp", "n_nmp", "n_perturb", "n_finetune", "inj_n", "del_set_size", "del_targets", "n_patching",
                  "batch_size"):
         check_positive_int(getattr(settings, name), f"settings.{name}")
+    if settings.stop_mask_mean is not None:
+        check_number(settings.stop_mask_mean, "settings.stop_mask_mean", 0.0, 1.0, lo_open=True, hi_open=True,
+                     what=" (a test-time mask mean, or None)")
     if paragraphs is not None and not isinstance(paragraphs, ParagraphSet):
         raise ValueError(f"paragraphs must be a memloc.data.ParagraphSet, got {type(paragraphs).__name__}")
     vocab = int(model.cfg.d_vocab)
@@ -224,6 +227,15 @@ def build_context(model: Model, out_dir: str | Path, *, settings: Settings, stag
     paragraphs, nmp_max_em = _pool(model, paragraphs, profile, non_memorized_max_em, notes)
     freq, freq_note = _frequencies(model, profile, paragraphs, frequencies)
     tuned, dev_ids = _tuning(profile, paragraphs, stages, notes)
+    init = tuned.get("hard_concrete", {}).get("mask_init", 0.5)
+    if "hard_concrete" in settings.methods and (settings.stop_mask_mean or 0.0) >= init:
+        raise ValueError(f"settings.stop_mask_mean ({settings.stop_mask_mean:g}) must be below HARD CONCRETE's "
+                         f"mask_init ({init:g}), where its test-time mask starts, or None")
+    if {"inj", "del"} & set(stages) and {"hard_concrete", "slimming"} & set(settings.methods):
+        notes.append("SLIMMING / HARD CONCRETE mask trainings stop at the first check where the test-time mask "
+                     + (f"averages <= {settings.stop_mask_mean:g} (Settings.stop_mask_mean, the library default; "
+                        "None: the authors' sparsity criterion alone)" if settings.stop_mask_mean is not None else
+                        "reaches the authors' sparsity criterion (Settings.stop_mask_mean=None)"))
     random_tokens = None
     if _own_data(profile, paragraphs) and profile.random_text:
         from ..data import random_sequences

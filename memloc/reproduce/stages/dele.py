@@ -92,5 +92,5 @@ def render(ctx: RunContext, r: DelStageResult) -> str:
 
 
 STAGE = Stage("del", "DEL benchmark (Chang et al. Table 3, Fig. 2)", compute, render, requires=("memorization",),
-              skip=skip, settings=("methods", "del_set_size", "del_targets", "del_ratios", "mask_steps", "ig_steps",
+              skip=skip, settings=("methods", "del_set_size", "del_targets", "del_ratios", "mask_steps", "stop_mask_mean", "ig_steps",
                                    "batch_size"))

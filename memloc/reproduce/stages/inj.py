@@ -65,4 +65,4 @@ def render(ctx: RunContext, r: InjResult) -> str:
 
 
 STAGE = Stage("inj", "INJ benchmark (Chang et al. Table 2)", compute, render, skip=skip,
-              settings=("methods", "inj_n", "inj_ratios", "inj_max_steps", "mask_steps", "ig_steps"))
+              settings=("methods", "inj_n", "inj_ratios", "inj_max_steps", "mask_steps", "stop_mask_mean", "ig_steps"))
