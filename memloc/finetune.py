@@ -16,7 +16,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
@@ -26,7 +25,7 @@ from ._progress import progress
 from .borrow import borrowed, trainable_only
 from .contrastive_objective import (check_objective_targets, check_contrastive_sets, contrastive_loss_from_logits,
                                     contrastive_loss, eligible_parameters, reference_logits)
-from .metrics import em_from_generations, greedy_continuation, teacher_forced
+from .metrics import em_from_generations, greedy_continuation, teacher_forced, token_nll
 from .models import Model
 from .placement import require_resident_weights
 
@@ -126,7 +125,7 @@ def _tf_partial(fwd: Any, tokens: Tensor, prefix_len: int, batch_size: int) -> d
     nll, argmax = [], []
     for i in range(0, len(tokens), batch_size):
         logits = fwd(fwd.resid[i:i + batch_size]).float()
-        nll.append(F.cross_entropy(logits.transpose(1, 2), target[i:i + batch_size], reduction="none").mean(1).cpu())
+        nll.append(token_nll(logits, target[i:i + batch_size]).mean(1).cpu())
         argmax.append(logits.argmax(-1).cpu())
     return {"nll": torch.cat(nll), "em": em_from_generations(torch.cat(argmax), target)}
 

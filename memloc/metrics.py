@@ -35,7 +35,7 @@ from .models import Model
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "suffix_nll", "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
+    "suffix_nll", "token_nll", "continuation_nll", "teacher_forced_accuracy", "teacher_forced", "greedy_decode", "greedy_continuation",
     "exact_match", "exact_match_teacher_forced", "levenshtein_distance", "perplexity", "memorization", "split_memorization",
     "discover_memorized", "ngram_jaccard",
 ]
@@ -59,8 +59,21 @@ def suffix_nll(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "#ba
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.expand(logits.shape[0], -1), reduction="none")
+    nll = token_nll(logits, targets.expand(logits.shape[0], -1))
     return nll if per_token else nll.mean(dim=1)
+
+
+def token_nll(logits: Float[Tensor, "batch T vocab"], targets: Int[Tensor, "batch T"]) -> Float[Tensor, "batch T"]:
+    """Per-token NLL ``-log softmax(logits)[target]`` (``F.cross_entropy``), computed on the
+    ``[batch * T, vocab]`` rows.
+
+    Why not ``F.cross_entropy(logits.transpose(1, 2), targets)``: torch reduces over a strided class
+    dimension there; measured on 2 CPU threads with [64, 127, 4096] float32 logits it took 344 ms
+    forward and 814 ms forward + backward against 112 ms and 302 ms on the rows, the same values
+    (max difference 2e-6), and it cost more than the unembedding matmul itself in ZERO-OUT's
+    re-runs.  Differentiable."""
+    b, t, v = logits.shape
+    return F.cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t), reduction="none").view(b, t)
 
 
 @torch.no_grad()
@@ -226,7 +239,7 @@ def perplexity(model: Model, tokens: Int[Tensor, "batch seq"], *, batch_size: in
     for sl in _batches(len(tokens), batch_size):
         x = tokens[sl]
         logits = model(x)[:, :-1].float()
-        total += F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="sum").item()
+        total += token_nll(logits, x[:, 1:]).sum().item()
         count += x[:, 1:].numel()
     return math.exp(total / count)
 

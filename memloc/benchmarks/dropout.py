@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..ablation import ablate, select_top_k
-from ..metrics import char_distances, perplexity, teacher_forced
+from ..metrics import char_distances, perplexity, teacher_forced, token_nll
 from ..models import Model
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,6 @@ class DropoutMeasurer:
     def __call__(self, masks: list[Tensor]) -> list[tuple[Tensor, Tensor, float]]:
         import math
 
-        import torch.nn.functional as F
-
         keep = (~torch.stack([m.cpu() for m in masks])).float()
         target = self.tokens[:, self.prefix_len:]
         results = []
@@ -114,7 +112,7 @@ class DropoutMeasurer:
         if self.runs[1] is not None:
             part = self.runs[1][0]
             for r, lg in enumerate(self._forward(1, keep)):
-                total = F.cross_entropy(lg.float().transpose(1, 2), part[:, 1:], reduction="sum").item()
+                total = token_nll(lg.float(), part[:, 1:]).sum().item()
                 ppls[r] = math.exp(total / part[:, 1:].numel())
         for r, lg in enumerate(tf_logits):
             lg = lg.float()

@@ -61,8 +61,8 @@ class Stage:
 #: Seconds of each stage in the default run on the embedded model (fresh-clone ``make demo``, idle
 #: 2-core machine, 2 torch threads, README "Gallery"): the shape of the overall estimate, scaled by
 #: the stages done so far, and the stage costs the parallel runner plans with.
-TYPICAL_SECONDS = {"memorization": 28, "perturbation": 54, "gradients": 14, "contrastive": 14, "finetune": 143,
-                   "head": 5, "rare_tokens": 3, "inj": 133, "del": 201, "patching": 17}
+TYPICAL_SECONDS = {"memorization": 27, "perturbation": 61, "gradients": 7, "contrastive": 15, "finetune": 157,
+                   "head": 5, "rare_tokens": 1, "inj": 148, "del": 187, "patching": 11}
 
 
 class StageClock:
