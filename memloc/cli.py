@@ -17,8 +17,8 @@ import sys
 #: Subcommand modules under memloc.commands, in help order.
 COMMANDS = ["demo", "info", "memorization", "bench", "perf", "reproduce"]
 
-THREADS_HELP = ("torch CPU threads (default for the embedded model: the cores idle at start, os.cpu_count() minus "
-                "the 1-minute load average, at least 1 - on an idle 2-core machine 2 threads ran its batched forwards "
+THREADS_HELP = ("torch CPU threads (default for the embedded model: the cores idle at start, the cores minus "
+                "those busy over a quarter second, at least 1 - on an idle 2-core machine 2 threads ran its batched forwards "
                 "1.55-1.73x faster than 1, while on a busy one `memorization` took 4 min 13 s with torch's default "
                 "threads and 27 s with one; torch's default for other models)")
 
@@ -49,21 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def idle_cores() -> int:
-    """CPU cores this process may use that are idle now: the cores it may run on minus the 1-minute
-    load average (rounded), at least 1.  Why: torch's one-thread-per-core default oversubscribes a
-    shared machine (`memorization` on the embedded model: 4 min 13 s with torch's default threads,
-    27 s with one, on a busy 2-core machine), while on an idle one a second thread makes the
-    embedded model's batched forwards 1.55-1.73x faster (ZERO-OUT, sparse fine-tuning, teacher
-    forcing; single-sequence mask training 1.05x; measured in one run on 2 cores)."""
+    """CPU cores this process may use that are idle now: the cores it may run on minus the cores
+    busy over the last quarter second (rounded), at least 1.  Why: torch's one-thread-per-core
+    default oversubscribes a shared machine (`memorization` on the embedded model: 4 min 13 s with
+    torch's default threads, 27 s with one, on a busy 2-core machine), while on an idle one a second
+    thread makes the embedded model's batched forwards 1.55-1.73x faster (ZERO-OUT, sparse
+    fine-tuning, teacher forcing; single-sequence mask training 1.05x; measured in one run on 2 cores).
+
+    Busy is measured now (:func:`_busy_cores`), not with the 1-minute load average, which lags: it
+    still counted the install step of `make demo` (or a test run that had just ended), so a fresh
+    clone's demo ran on one thread and took 20 min 51 s against 10 min 14 s with two."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        cores = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+        cores = list(range(os.cpu_count() or 1))
+    busy = _busy_cores(cores)
+    return max(1, min(len(cores), len(cores) - round(busy)))
+
+
+def _busy_cores(cores: list[int], interval: float = 0.25) -> float:
+    """Busy cores among ``cores`` over the next ``interval`` seconds (psutil's per-CPU utilisation;
+    psutil is an accelerate dependency), or the 1-minute load average where that is unavailable."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 1
-    return max(1, min(cores, cores - round(load)))
+        import psutil
+
+        percent = psutil.cpu_percent(interval=interval, percpu=True)
+        return sum(percent[c] for c in cores if c < len(percent)) / 100.0
+    except Exception:  # no psutil / no per-CPU counters: the load average
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return float(len(cores)) - 1.0
 
 
 def default_threads(args: argparse.Namespace) -> int | None:

@@ -58,12 +58,12 @@ def test_every_subcommand_takes_threads_and_applies_it(name, monkeypatch, restor
     assert cli.main(["--threads", "2", name, *REQUIRED.get(name, [])]) == 0  # the global spelling
     assert seen["threads"] == 2
     # default when only the embedded model runs: the idle cores (busy 2-core machine: one thread)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    monkeypatch.setattr(cli, "_busy_cores", lambda cores: 1.7)
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     torch.set_num_threads(2)
     assert cli.main([name, *REQUIRED.get(name, [])] + (["--model", "tiny"] if name == "perf" else [])) == 0
     assert seen["threads"] == 1 and seen["args"].threads == 1
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 1.0, 1.0))  # idle: both cores
+    monkeypatch.setattr(cli, "_busy_cores", lambda cores: 0.2)  # idle: both cores
     torch.set_num_threads(1)
     assert cli.main([name, *REQUIRED.get(name, [])] + (["--model", "tiny"] if name == "perf" else [])) == 0
     assert seen["threads"] == 2 and seen["args"].threads == 2
@@ -72,9 +72,26 @@ def test_every_subcommand_takes_threads_and_applies_it(name, monkeypatch, restor
 @pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 2), (2, 0.6, 1), (2, 1.4, 1), (2, 5.0, 1), (8, 2.2, 6),
                                                  (1, 0.0, 1)])
 def test_idle_cores(monkeypatch, cores, load, expected):
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(cli, "_busy_cores", lambda c: load)
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert cli.idle_cores() == expected
+
+
+def test_busy_cores_is_measured_now_not_the_lagging_load_average(monkeypatch):
+    """A 1-minute load average of 2 (say, the install step that just ended) does not count when the
+    cores are idle now; the load average is only the fallback without psutil."""
+    import builtins
+
+    import psutil
+
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [3.0, 10.0, 95.0])
+    assert cli._busy_cores([0, 1]) == pytest.approx(0.13)
+    assert cli._busy_cores([0, 1, 2]) == pytest.approx(1.08)
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "psutil" else real_import(name, *a, **k))
+    assert cli._busy_cores([0, 1]) == 2.0
 
 
 def test_threads_default_leaves_other_models_alone(monkeypatch, restore_globals):
