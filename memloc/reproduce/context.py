@@ -199,7 +199,7 @@ def _tuning(profile: BundledProfile | None, paragraphs: ParagraphSet | None, sta
         notes.append("SLIMMING / HARD CONCRETE hyperparameters: the embedded model's dev-set selection "
                      "(Chang et al. A.7, scripts/tune_tiny.py): " + "; ".join(
                          f"{m} " + ", ".join((f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}")
-                                        for k, v in kw.items() if k != "max_steps")
+                                        for k, v in kw.items() if k not in ("max_steps", "stop_mask_mean"))
                          for m, kw in tuned.items())
                      + f"; the {len(dev_ids)} dev paragraphs are left out of the DEL set")
     return tuned, dev_ids
