@@ -48,15 +48,22 @@ def save(fig: go.Figure, path: str | Path, *, png: bool = True, scale: float = 2
 
 def _write_png(fig: go.Figure, path: Path, scale: float) -> Path:
     try:
-        with warnings.catch_warnings():
-            # plotly passes its kaleido options on every call; a running server (png_session) has its own
-            warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
+        with _server_ignores_kopts():
             fig.write_image(path, scale=scale)
     except Exception as exc:  # kaleido raises several types, e.g. when no Chromium is installed
         raise RuntimeError(f"PNG export of {path.name} failed ({type(exc).__name__}: {exc}). plotly's static export "
                            "(kaleido) drives a headless Chromium: install one with `make browser` (Debian's "
                            "chromium), or call save(..., png=False) for HTML only") from exc
     return path
+
+
+@contextlib.contextmanager
+def _server_ignores_kopts() -> Iterator[None]:
+    """Silence kaleido's warning that a running server (png_session) ignores the options plotly
+    passes on every export."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
+        yield
 
 
 def _server() -> object:
@@ -120,8 +127,7 @@ def _warm_up(server: object, died: list[BaseException]) -> str:
 
     def call() -> None:
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
+            with _server_ignores_kopts():
                 pio.to_image(go.Figure(), format="png", width=10, height=10)
             done["ok"] = True
         except Exception as exc:  # reported below

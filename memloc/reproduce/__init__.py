@@ -37,7 +37,6 @@ as no EM <= 10 set is bundled, its non-memorized group is the paragraphs whose *
 from __future__ import annotations
 
 import contextlib
-
 import warnings
 from pathlib import Path
 from typing import Any, Sequence

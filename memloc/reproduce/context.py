@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import Tensor
 from .._checks import check_number, check_positive_int, check_tokens
 from ..cache import ContentCache, digest, model_fingerprint
 from ..data import BundledProfile, ParagraphSet, bundled_profile, concat_paragraph_sets, can_retokenize
+from ..localize.hard_concrete import hard_concrete
 from ..models import Model
 from .settings import CSV_FLOAT_FORMAT, STAGES, ReproduceResult, Settings
 
@@ -210,6 +212,10 @@ def _tuning(profile: BundledProfile | None, paragraphs: ParagraphSet | None, sta
 QUICK_ZERO_OUT_MAX_NEURONS = 40_000
 
 
+#: HARD CONCRETE's default ``mask_init`` (where its test-time mask starts), read from its signature.
+_HC_MASK_INIT = inspect.signature(hard_concrete).parameters["mask_init"].default
+
+
 def build_context(model: Model, out_dir: str | Path, *, settings: Settings, stages: list[str],
                   paragraphs: ParagraphSet | None, non_memorized_max_em: int | None, frequencies: Tensor | None,
                   cache_dir: str | Path | None, png: bool, model_name: str, progress_bar: bool,
@@ -227,7 +233,7 @@ def build_context(model: Model, out_dir: str | Path, *, settings: Settings, stag
     paragraphs, nmp_max_em = _pool(model, paragraphs, profile, non_memorized_max_em, notes)
     freq, freq_note = _frequencies(model, profile, paragraphs, frequencies)
     tuned, dev_ids = _tuning(profile, paragraphs, stages, notes)
-    init = tuned.get("hard_concrete", {}).get("mask_init", 0.5)
+    init = tuned.get("hard_concrete", {}).get("mask_init", _HC_MASK_INIT)
     if "hard_concrete" in settings.methods and (settings.stop_mask_mean or 0.0) >= init:
         raise ValueError(f"settings.stop_mask_mean ({settings.stop_mask_mean:g}) must be below HARD CONCRETE's "
                          f"mask_init ({init:g}), where its test-time mask starts, or None")
