@@ -12,8 +12,8 @@ gradient sums are accumulated in float32 / float64, and scores come back as floa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..metrics import suffix_nll
 from ..models import neuron_hook_name
 
 __all__ = ["reference_loss", "reference_zero_out", "reference_integrated_gradients",
@@ -23,9 +23,9 @@ __all__ = ["reference_loss", "reference_zero_out", "reference_integrated_gradien
 def reference_loss(model, tokens, prefix_len, fwd_hooks=()):
     """Chang et al. Eq. 6 per row: one full forward, mean NLL of the suffix (float32 or better)."""
     logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
-    shift = logits[:, prefix_len - 1:-1]
-    shift = shift.float() if shift.dtype in (torch.float16, torch.bfloat16) else shift
-    return F.cross_entropy(shift.transpose(1, 2), tokens[:, prefix_len:], reduction="none").mean(1)
+    # the loss itself is memloc's one implementation (suffix_nll, tested against F.cross_entropy on
+    # the [batch, vocab, T] layout); what is "reference" here is the one-full-forward-per-mask loop
+    return suffix_nll(logits[:, prefix_len - 1:-1], tokens[:, prefix_len:])
 
 
 @torch.no_grad()
