@@ -50,9 +50,14 @@ def tensor_bytes(t: Tensor) -> np.ndarray:
 
 
 def model_fingerprint(model: Model) -> str:
-    """Hash of every parameter's name, dtype, shape and bytes: two models share it iff their weights
-    are identical (an injected or fine-tuned model gets its own)."""
+    """Hash of every parameter's name, dtype, shape and bytes, and of the MLP activation's name:
+    two models share it iff their weights are identical (an injected or fine-tuned model gets its
+    own) and they compute the same activation (``load_model(fused_gelu=...)`` changes results at
+    float32 rounding, so the two never share cached results)."""
     h = hashlib.blake2b(digest_size=16)
+    act = getattr(getattr(getattr(model, "original_model", None), "config", None), "activation_function", None)
+    if act is not None:
+        h.update(f"activation|{act}|".encode())
     for name, p in model.named_parameters():
         h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
         h.update(tensor_bytes(p))

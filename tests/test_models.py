@@ -90,6 +90,34 @@ def test_bridge_matches_huggingface(tiny):
         torch.testing.assert_close(tiny(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_fused_gelu_is_huggingfaces_gelu_new(tiny):
+    """load_model swaps gelu_new for the fused gelu_pytorch_tanh (the faster path, asserted by module type and
+    config names); the logits stay within float32 rounding of Hugging Face's own forward with gelu_new, and
+    fused_gelu=False keeps Hugging Face's module bit for bit."""
+    from transformers import GPTNeoForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from memloc.cache import model_fingerprint
+    from memloc.models import tiny_model_dir
+
+    assert all(type(b.mlp.original_component.act) is GELUTanh for b in tiny.blocks)
+    assert tiny.cfg.act_fn == tiny.original_model.config.activation_function == "gelu_pytorch_tanh"
+    plain = load_model("tiny", fused_gelu=False)
+    assert all(type(b.mlp.original_component.act) is NewGELUActivation for b in plain.blocks)
+    hf = GPTNeoForCausalLM.from_pretrained(tiny_model_dir()).eval()
+    assert hf.config.activation_function == "gelu_new"
+    tokens = torch.randint(0, 4096, (2, 100))
+    with torch.no_grad():
+        ref, unfused, fused = hf(tokens).logits, plain(tokens), tiny(tokens)
+    assert not torch.equal(fused, unfused)  # a different kernel: equal only up to rounding
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(unfused, ref, atol=1e-4, rtol=1e-5)
+    # results computed with one activation are never served from the cache to the other
+    assert model_fingerprint(plain) != model_fingerprint(tiny)
+    with pytest.raises(ValueError, match="fused_gelu"):
+        load_model("tiny", fused_gelu="yes")
+
+
 def _boot_must_not_run(monkeypatch):
     from transformer_lens.model_bridge import TransformerBridge
 
