@@ -279,6 +279,7 @@ def test_rerun_writes_the_same_bytes(tiny, tiny_run, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     timings = json.loads((tmp_path / "again" / "timings.json").read_text())
     assert set(timings["seconds"]) == set(STAGES)
+    assert timings["cpu_steal_percent"] is None or 0 <= timings["cpu_steal_percent"] <= 100
     assert not re.search(r"\d s\b|seconds", (out / "REPORT.md").read_text())
     # recomputed without the cache, the cheap stages write the same bytes
     reproduce(tiny, tmp_path / "fresh", settings=TINY_SETTINGS, cache_dir=None, model_name="tiny", png=False,
@@ -287,6 +288,30 @@ def test_rerun_writes_the_same_bytes(tiny, tiny_run, tmp_path):
     for name in ("memorization.csv", "perturbation_profile.csv", "perturbation_by_position.csv", "pmps.csv",
                  "param_gradients_mp_vs_nmp.csv", "param_gradients_em_bins.csv", "attention_vs_mlp_totals.csv"):
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def test_last_console_line_names_cpu_steal(monkeypatch, caplog):
+    """A run slowed by a shared VM's host says so: the CPU steal since the clock started (psutil's
+    counters, here simulated: 30 of 100 CPU seconds stolen) is named on the last line from 5 %."""
+    import collections
+    import logging
+
+    import psutil
+
+    from memloc.reproduce import StageClock
+
+    times = iter([(0.0, 100.0), (30.0, 200.0), (30.0, 200.0)])
+
+    def cpu_times():
+        steal, total = next(times)
+        return collections.namedtuple("scputimes", "user system idle steal")(total - steal, 0.0, 0.0, steal)
+
+    monkeypatch.setattr(psutil, "cpu_times", cpu_times)
+    with caplog.at_level(logging.INFO, logger="memloc.reproduce"):
+        clock = StageClock(["a"], expected={"a": 10})
+        clock.end("a", 12.0)
+    assert "CPU steal 30%" in caplog.records[-1].getMessage()
+    assert clock.steal_percent() == pytest.approx(30.0)
 
 
 def test_demo_writes_outside_the_tracked_tree():
@@ -327,7 +352,7 @@ def test_console_line_per_stage_with_an_estimate(tiny, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[1] == "[1/3] a … 5 s (about 20 s left)"
     assert lines[2].startswith("[2/3] b … 0 s, skipped: why (about ")
-    assert lines[3].startswith("[3/3] c … 2 s (done in ")
+    assert lines[3].startswith("[3/3] c … 2 s (done in ") and "steal" not in lines[3]
     caplog.clear()
     settings = dataclasses.replace(TINY_SETTINGS, max_paragraphs=12)
     with caplog.at_level(logging.INFO, logger="memloc.reproduce"):

@@ -75,4 +75,6 @@ def write_timings(r: ReproduceResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"seconds": {k: round(v, 1) for k, v in r.timings.items()},
                                 "total_seconds": round(sum(r.timings.values()), 1),
-                                "cached_stages": sorted(r.cached)}, indent=1) + "\n")
+                                "cached_stages": sorted(r.cached),
+                                "cpu_steal_percent": None if r.cpu_steal_percent is None else round(r.cpu_steal_percent, 1)},
+                               indent=1) + "\n")

@@ -65,13 +65,30 @@ TYPICAL_SECONDS = {"memorization": 27, "perturbation": 61, "gradients": 7, "cont
                    "head": 5, "rare_tokens": 1, "inj": 148, "del": 187, "patching": 11}
 
 
+#: CPU steal (percent of the machine's CPU time) from which the last console line says that the
+#: run was slowed by other guests of a virtual machine's host.
+STEAL_NOTE_PERCENT = 5.0
+
+
+def cpu_steal_counter() -> tuple[float, float] | None:
+    """(steal, total) CPU seconds of the whole machine since boot (psutil; Linux reports ``steal``,
+    the time the hypervisor ran other guests on this VM's cores), or None where not reported."""
+    import psutil  # an accelerate dependency
+
+    t = psutil.cpu_times()
+    return (float(t.steal), float(sum(t))) if hasattr(t, "steal") else None
+
+
 class StageClock:
     """One console line per stage, ``[3/10] gradients … 10 s (about 4 min left)``, on the
     ``memloc.reproduce`` logger (stderr at INFO via the CLI; ``memloc -q`` silences it).
 
     The estimate of what is left is the typical stage times (``expected``, default
     :data:`TYPICAL_SECONDS`) of the stages still to run, scaled by how the stages done so far
-    compared with their typical times, and divided among ``workers`` processes.
+    compared with their typical times, and divided among ``workers`` processes.  The last line
+    also gives the CPU steal of the run (:meth:`steal_percent`) when it reaches
+    :data:`STEAL_NOTE_PERCENT`: on a shared virtual machine it, not memloc, explains a run much
+    slower than :data:`TYPICAL_SECONDS` (measured here: the same stage 2.3x slower at 29 % steal).
     """
 
     def __init__(self, stages: Sequence[str], expected: Mapping[str, float] | None = None, *, workers: int = 1) -> None:
@@ -81,12 +98,21 @@ class StageClock:
         self.expected = {st: float(expected.get(st, TYPICAL_SECONDS.get(st, 10.0))) for st in self.stages}
         self.spent: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        self._steal0 = cpu_steal_counter()
         logger.info("reproduce: %d stages (%s)", len(self.stages), ", ".join(self.stages))
 
     def _left(self) -> float:
         done_expected = sum(self.expected[st] for st in self.spent)
         scale = sum(self.spent.values()) / done_expected if done_expected > 0 else 1.0
         return scale * sum(self.expected[st] for st in self.stages if st not in self.spent) / self.workers
+
+    def steal_percent(self) -> float | None:
+        """Percent of the machine's CPU time stolen by the hypervisor since this clock started (None
+        where the system does not report steal)."""
+        now = cpu_steal_counter()
+        if now is None or self._steal0 is None or now[1] <= self._steal0[1]:
+            return None
+        return 100.0 * (now[0] - self._steal0[0]) / (now[1] - self._steal0[1])
 
     def begin(self, stage: str) -> None:
         logger.info("[%d/%d] %s …", self.stages.index(stage) + 1, len(self.stages), stage)
@@ -95,6 +121,10 @@ class StageClock:
         self.spent[stage] = seconds
         left = self._left()
         tail = f"about {fmt_duration(left)} left" if left > 0 else f"done in {fmt_duration(time.perf_counter() - self.t0)}"
+        steal = self.steal_percent() if left <= 0 else None
+        if steal is not None and steal >= STEAL_NOTE_PERCENT:
+            tail += (f"; CPU steal {steal:.0f}%: this virtual machine's host ran other guests on its cores, so "
+                     "the stages took longer than on an idle machine")
         logger.info("[%d/%d] %s … %s%s (%s)", self.stages.index(stage) + 1, len(self.stages), stage,
                     fmt_duration(seconds), f", {note}" if note else "", tail)
 
@@ -207,6 +237,7 @@ def run_stages(ctx: RunContext, requested: Sequence[str], registry: Mapping[str,
     else:
         for name in order:
             _run_one(ctx, registry[name], results, keys, clock)
+    ctx.result.cpu_steal_percent = clock.steal_percent()
     for name in STAGES:
         if name not in order:
             ctx.result.skipped[name] = "not requested (--stages)"

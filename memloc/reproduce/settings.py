@@ -119,6 +119,8 @@ class ReproduceResult:
         claims: the claims ledger (:func:`memloc.reproduce.claims.claims_ledger`), also written
             as ``claims.csv``.
         cached: stages whose results were read from the cache.
+        cpu_steal_percent: CPU steal of the machine during the run (percent of its CPU time the
+            hypervisor gave to other guests; None where not reported), also in ``timings.json``.
     """
 
     out_dir: Path
@@ -132,3 +134,4 @@ class ReproduceResult:
     summary: dict[str, Any] = field(default_factory=dict)
     claims: Any = None
     cached: list[str] = field(default_factory=list)
+    cpu_steal_percent: float | None = None
