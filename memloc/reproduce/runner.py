@@ -58,11 +58,11 @@ class Stage:
     settings: tuple[str, ...] = ()
 
 
-#: Seconds of each stage in the default run on the embedded model (fresh-clone ``make demo``, idle
-#: 2-core machine, 2 torch threads, README "Gallery"): the shape of the overall estimate, scaled by
-#: the stages done so far, and the stage costs the parallel runner plans with.
-TYPICAL_SECONDS = {"memorization": 27, "perturbation": 61, "gradients": 7, "contrastive": 15, "finetune": 157,
-                   "head": 5, "rare_tokens": 1, "inj": 148, "del": 187, "patching": 11}
+#: Seconds of each stage in the default run on the embedded model (``make gallery`` on 2026-11-28, idle
+#: 2-core machine, CPU steal 0.7 %, 2 torch threads, README "Gallery"): the shape of the overall
+#: estimate, scaled by the stages done so far, and the stage costs the parallel runner plans with.
+TYPICAL_SECONDS = {"memorization": 16, "perturbation": 37, "gradients": 5, "contrastive": 9, "finetune": 78,
+                   "head": 3, "rare_tokens": 1, "inj": 72, "del": 80, "patching": 5}
 
 
 #: CPU steal (percent of the machine's CPU time) from which the last console line says that the

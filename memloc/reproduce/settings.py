@@ -92,9 +92,9 @@ class Settings:
         return kw
 
 
-#: The default run: on the embedded model about 10-15 minutes on 2 CPU cores (measured: 10 min 14 s for a fresh-clone
-#: ``make demo`` on an idle machine, 12 min 34 s and 14 min 23 s in earlier runs); INJ, DEL and fine-tuning take
-#: three quarters of it.
+#: The default run: on the embedded model about 5 minutes on an idle 2-core machine (measured 2026-11-28: 5 min 06 s of
+#: stages for ``make gallery``, see README "Gallery"; a shared VM whose host runs other guests is slower, and the last
+#: console line then names the CPU steal); fine-tuning, INJ and DEL take three quarters of it.
 DEFAULT = Settings()
 #: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
 QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4, finetune_steps=3,
