@@ -88,7 +88,8 @@ class StageClock:
     compared with their typical times, and divided among ``workers`` processes.  The last line
     also gives the CPU steal of the run (:meth:`steal_percent`) when it reaches
     :data:`STEAL_NOTE_PERCENT`: on a shared virtual machine it, not memloc, explains a run much
-    slower than :data:`TYPICAL_SECONDS` (measured here: the same stage 2.3x slower at 29 % steal).
+    slower than :data:`TYPICAL_SECONDS` (measured here: perturbation 86 s instead of 37 s in a run
+    during which `top` showed 29 % steal).
     """
 
     def __init__(self, stages: Sequence[str], expected: Mapping[str, float] | None = None, *, workers: int = 1) -> None:
