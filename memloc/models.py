@@ -67,7 +67,8 @@ _LOAD_ARGS: "weakref.WeakKeyDictionary[Model, dict]" = weakref.WeakKeyDictionary
 
 def load_args(model: Model) -> dict | None:
     """The keyword arguments of the :func:`load_model` call that returned ``model`` (``name_or_path``,
-    ``device``, ``dtype``, ``process_weights``), or None for a model built another way."""
+    ``device``, ``dtype``, ``process_weights``, ``fused_gelu`` and the placement ones), or None for a
+    model built another way."""
     return _LOAD_ARGS.get(model)
 
 

@@ -60,6 +60,7 @@ class ModelSpec:
     device_map: str | dict | None = None
     max_memory: dict | None = None
     offload_folder: str | None = None
+    fused_gelu: bool = True
 
     def load(self, device: str | None = None) -> Any:
         from .models import load_model
@@ -67,9 +68,9 @@ class ModelSpec:
         if self.device_map is not None:
             return load_model(self.name_or_path, dtype=self.dtype, process_weights=self.process_weights,
                               device_map=self.device_map, max_memory=self.max_memory,
-                              offload_folder=self.offload_folder)
+                              offload_folder=self.offload_folder, fused_gelu=self.fused_gelu)
         return load_model(self.name_or_path, device=device or self.device, dtype=self.dtype,
-                          process_weights=self.process_weights)
+                          process_weights=self.process_weights, fused_gelu=self.fused_gelu)
 
     @classmethod
     def from_model(cls, model: Model) -> "ModelSpec":

@@ -218,7 +218,19 @@ def test_missing_ray_names_the_extra(tiny, del_set, monkeypatch, capsys):
 
 
 def test_model_spec(tiny):
+    from transformers.activations import NewGELUActivation
+
+    from memloc import load_model
+    from memloc.cache import model_fingerprint
+
     assert ModelSpec.from_model(tiny) == ModelSpec(None, torch.float32, "cpu", False)
+    # workers load the model exactly as it was loaded here, the activation included
+    plain = load_model("tiny", fused_gelu=False)
+    spec = ModelSpec.from_model(plain)
+    assert spec.fused_gelu is False
+    again = spec.load()
+    assert type(again.blocks[0].mlp.original_component.act) is NewGELUActivation
+    assert model_fingerprint(again) == model_fingerprint(plain) != model_fingerprint(tiny)
     with pytest.raises(ValueError, match="model_spec"):
         ModelSpec.from_model(torch.nn.Linear(2, 2))
 
