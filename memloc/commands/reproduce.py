@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
                    help="output directory (default: memloc-out; `make gallery` writes the committed figures/)")
     p.add_argument("--timings", default=None, metavar="PATH",
                    help="where stage times are written as JSON (default: OUT/timings.json; REPORT.md holds none)")
-    p.add_argument("--quick", action="store_true", help="small sizes: every stage, a few minutes on CPU")
+    p.add_argument("--quick", action="store_true", help="small sizes: every stage, about 1.5 minutes on 2 CPU cores")
     p.add_argument("--cache-dir", default=".memloc_cache",
                    help="cache of stage results and attribution scores (default: .memloc_cache)")
     p.add_argument("--no-cache", action="store_true", help="recompute everything, write no cache")

@@ -96,7 +96,8 @@ class Settings:
 #: stages for ``make gallery``, see README "Gallery"; a shared VM whose host runs other guests is slower, and the last
 #: console line then names the CPU steal); fine-tuning, INJ and DEL take three quarters of it.
 DEFAULT = Settings()
-#: ``--quick``: every stage, small sizes (measured 2 min 55 s to 3 min 36 s on 2 CPU cores for the embedded model).
+#: ``--quick``: every stage, small sizes (measured on 2 CPU cores for the embedded model: 1 min 23 s on 2026-11-28,
+#: 66 s of stages; 2 min 55 s to 3 min 36 s before the fused GELU and the mask-mean stop).
 QUICK = Settings(max_paragraphs=160, n_mp=8, n_nmp=8, n_perturb=3, n_finetune=4, finetune_steps=3,
                  inj_n=1, inj_ratios=(0.01,), inj_max_steps=150, del_set_size=8, del_targets=2,
                  del_ratios=(0.02, 0.1), mask_steps=40, ig_steps=4, n_patching=4)
