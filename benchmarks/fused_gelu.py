@@ -4,7 +4,7 @@
 ``memloc reproduce``: exact ZERO-OUT of one DEL target (Chang et al. Eq. 7, layers 1-3), one sparse
 fine-tuning run (Stoehr Fig. 5, top 0.1 %, 10 steps) and teacher forcing + greedy decoding of 256
 perturbed-size prefixes (Stoehr Fig. 3).  2 torch threads; the two models alternate, median of 3;
-the CPU steal of the run (``/proc/stat``) is printed because a shared VM's steal moves wall times
+the CPU steal of the run (``memloc.reproduce.runner.cpu_steal_counter``) is printed because a shared VM's steal moves wall times
 far more than run-to-run noise."""
 import statistics
 import time
@@ -17,19 +17,14 @@ from memloc.data import load_paragraphs  # noqa: E402
 from memloc.finetune import sparse_finetune  # noqa: E402
 from memloc.localize import zero_out  # noqa: E402
 from memloc.metrics import greedy_decode, teacher_forced  # noqa: E402
-
-
-def steal() -> tuple[int, int]:
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return v[7], sum(v)
-
+from memloc.reproduce.runner import cpu_steal_counter as steal  # noqa: E402
 
 ps = load_paragraphs("tiny")
 p = ps.prefix_len
 x = ps.tokens[:256]
 models = {"fused (default)": load_model("tiny"), "gelu_new": load_model("tiny", fused_gelu=False)}
 work = {
-    "ZERO-OUT, one 128-token target, layers 1-3": lambda m: zero_out(m, x[:1], p, layers=[1, 2, 3],
+    "ZERO-OUT, one 100-token target, layers 1-3": lambda m: zero_out(m, x[:1], p, layers=[1, 2, 3],
                                                                        progress_bar=False),
     "sparse fine-tuning, 16 MPs + 32 NMPs, 10 steps": lambda m: sparse_finetune(
         m, x[:16], x[16:48], p, steps=10, progress_bar=False),

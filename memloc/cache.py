@@ -55,7 +55,9 @@ def model_fingerprint(model: Model) -> str:
     own) and they compute the same activation (``load_model(fused_gelu=...)`` changes results at
     float32 rounding, so the two never share cached results)."""
     h = hashlib.blake2b(digest_size=16)
-    act = getattr(getattr(getattr(model, "original_model", None), "config", None), "activation_function", None)
+    from .architectures import hf_config
+
+    act = getattr(hf_config(model), "activation_function", None)
     if act is not None:
         h.update(f"activation|{act}|".encode())
     for name, p in model.named_parameters():

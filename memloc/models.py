@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated and will be removed",
                         category=FutureWarning)
 
-__all__ = ["Model", "TINY_NAMES", "tiny_model_dir", "load_model", "fuse_gelu", "model_facts", "model_device", "hook_name",
-           "neuron_hook_name", "layer_hooks"]
+__all__ = ["Model", "TINY_NAMES", "tiny_model_dir", "load_model", "fuse_gelu", "model_facts", "model_device",
+           "hook_name", "neuron_hook_name", "layer_hooks"]
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -223,7 +223,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
         fused_gelu: replace Hugging Face's ``gelu_new`` (GPT-2, GPT-Neo, GPT-J: five element-wise
             tensor ops in Python) by its fused equivalent ``gelu_pytorch_tanh`` (:func:`fuse_gelu`):
             the same formula, 4.5x faster forward and backward on CPU, outputs within float32
-            rounding (max 2.4e-7 measured).  False keeps Hugging Face's module, bit for bit.
+            rounding (max 2.4e-7 measured).  False keeps Hugging Face's module.
 
     Returns:
         The bridge, in eval mode.
@@ -304,8 +304,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | t
     return bridge
 
 
-#: Hugging Face activation name -> its fused equivalent (same function, one kernel).
-_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+#: Hugging Face's name of the fused equivalent of ``gelu_new`` (same function, one kernel).
+_FUSED_GELU = "gelu_pytorch_tanh"
 
 
 def fuse_gelu(bridge: Model) -> int:
@@ -329,13 +329,13 @@ def fuse_gelu(bridge: Model) -> int:
     parents = [(parent, name) for parent in bridge.modules() for name, child in parent.named_children()
                if type(child) is NewGELUActivation]
     for parent, name in parents:
-        setattr(parent, name, ACT2FN[_FUSED_ACTIVATIONS["gelu_new"]])
+        setattr(parent, name, ACT2FN[_FUSED_GELU])
     if parents:
         for cfg in (hf_config(bridge), getattr(bridge, "cfg", None)):
             for key in ("activation_function", "act_fn"):
                 if getattr(cfg, key, None) == "gelu_new":
-                    setattr(cfg, key, _FUSED_ACTIVATIONS["gelu_new"])
-        logger.info("fuse_gelu: %d gelu_new modules now gelu_pytorch_tanh", len(parents))
+                    setattr(cfg, key, _FUSED_GELU)
+        logger.info("fuse_gelu: %d gelu_new modules now %s", len(parents), _FUSED_GELU)
     return len(parents)
 
 

@@ -93,7 +93,7 @@ def test_bridge_matches_huggingface(tiny):
 def test_fused_gelu_is_huggingfaces_gelu_new(tiny):
     """load_model swaps gelu_new for the fused gelu_pytorch_tanh (the faster path, asserted by module type and
     config names); the logits stay within float32 rounding of Hugging Face's own forward with gelu_new, and
-    fused_gelu=False keeps Hugging Face's module bit for bit."""
+    fused_gelu=False keeps Hugging Face's module."""
     from transformers import GPTNeoForCausalLM
     from transformers.activations import GELUTanh, NewGELUActivation
 

@@ -73,8 +73,7 @@ def write_report(ctx: RunContext, claims_md: list[str] | None = None) -> None:
 def write_timings(r: ReproduceResult, path: Path) -> None:
     """Stage times and cache hits: kept out of REPORT.md so that the report is byte-stable."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    steal = None if r.cpu_steal_percent is None else round(r.cpu_steal_percent, 1)
     path.write_text(json.dumps({"seconds": {k: round(v, 1) for k, v in r.timings.items()},
                                 "total_seconds": round(sum(r.timings.values()), 1),
-                                "cached_stages": sorted(r.cached),
-                                "cpu_steal_percent": None if r.cpu_steal_percent is None else round(r.cpu_steal_percent, 1)},
-                               indent=1) + "\n")
+                                "cached_stages": sorted(r.cached), "cpu_steal_percent": steal}, indent=1) + "\n")
